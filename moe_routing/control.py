@@ -1,0 +1,72 @@
+"""Model-level controls: per-step controllers, aux-loss scale and values, and the routing context helper.
+
+Nothing here is module-global: every function takes the model and acts on the MoE layers inside it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .decision import RoutingContext
+from .layer import MoELayer
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    """``(name, layer)`` for every `MoELayer` in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+@torch.no_grad()
+def step(model: nn.Module, group=None) -> None:
+    """Run every per-step controller (aux-free bias balancing, adaptive coefficients) once.
+
+    Call it after ``optimizer.step()``. Controllers use the statistics accumulated over the micro-batches
+    since the last call, all-reduced over ``group`` (data parallel) when `torch.distributed` is initialised.
+    """
+    for module in model.modules():
+        hook = getattr(module, "moe_step", None)
+        if callable(hook):
+            hook(group)
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """Scale the aux-loss gradient injected by every MoE layer (e.g. ``1 / grad_accum_steps``, or the AMP
+    loss scale), as if ``scale * aux_loss`` were added to the training loss."""
+    if not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    for _, layer in moe_layers(model):
+        layer.aux_loss_scale = float(scale)
+
+
+def aux_losses(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """The last forward's aux-loss values (coefficient applied, detached) per MoE layer, for logging."""
+    return {name: dict(layer.last_aux_losses) for name, layer in moe_layers(model)}
+
+
+def total_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the last forward's aux-loss values over all layers (detached), for logging."""
+    values = [v for losses in aux_losses(model).values() for v in losses.values()]
+    return torch.stack(values).sum() if values else torch.zeros(())
+
+
+@contextmanager
+def routing_context(model: nn.Module, ctx: Optional[RoutingContext] = None, **kwargs) -> Iterator[RoutingContext]:
+    """Set one `RoutingContext` on every MoE layer of ``model`` for the duration of the block.
+
+    ``kwargs`` build the context (``token_ids``, ``padding_mask``, ``seq_lens``, ``forced_experts``) when none
+    is given. Layers without a ``layer_idx`` get their position among the model's MoE layers.
+    """
+    ctx = ctx if ctx is not None else RoutingContext(**kwargs)
+    layers = moe_layers(model)
+    for i, (_, layer) in enumerate(layers):
+        if layer.layer_idx is None:
+            layer.layer_idx = i
+        layer._ctx = ctx
+    try:
+        yield ctx
+    finally:
+        for _, layer in layers:
+            layer._ctx = None

@@ -1,0 +1,191 @@
+"""MoELayer: a drop-in ``nn.Module`` wiring router -> losses -> dispatch -> experts -> combine -> stats."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .decision import RoutingContext, RoutingDecision
+from .experts import GroupedExperts, SharedExperts
+from .losses.attach import inject_aux_loss
+from .losses.balance import Loss, LossInputs
+from .metrics import layer_stats
+from .ops.backend import check_backend_name
+from .ops.capacity import DROP_POLICIES, capacity_keep_mask, expert_capacity
+from .ops.combine import combine
+from .ops.counts import inverse_order, sort_by_expert
+from .ops.permute import permute
+from .routers import ROUTERS, Router
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts FFN layer.
+
+    ``y = layer(x)`` maps ``x`` [..., D] to ``y`` of the same shape and dtype ([B, S, D] and [T, D] alike).
+
+    Args:
+        hidden_size: D.  ffn_hidden_size: F, each expert's hidden size.  num_experts: E.
+        top_k: experts per token (nominal k for variable-k routers, used by losses and capacity).
+        router: "topk" or a `Router` instance (its E and D must match).
+        router_kwargs: extra arguments when ``router`` is a name (e.g. ``{"score_func": "sigmoid"}``).
+        activation: "swiglu" | "gelu" | "relu".
+        capacity_factor: None = dropless; else capacity ``ceil(cf * T * k / E)`` per expert.
+        drop_policy: capacity mode: "weight" drops the lowest gate weights, "position" the latest tokens.
+        num_shared_experts: always-on experts (one dense FFN of ``num_shared_experts * F``), added to the output.
+        backend: dispatch backend, "auto" | "torch" | "triton" | "cuda".
+        expert_impl: "auto" | "grouped_mm" | "loop" (see `ops.grouped_mm`).
+        losses: layer-level losses; None uses the router's defaults (`Router.default_losses`).
+        return_aux_loss: return ``(y, aux_loss)`` instead of injecting the aux loss into the backward.
+        layer_idx: key of this layer's state in a `RoutingContext` (assigned by `routing_context` if None).
+        track_stats: keep per-forward routing stats in ``last_stats`` (read by `routing_report`).
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int = 2,
+                 router: Union[str, Router] = "topk", activation: str = "swiglu",
+                 capacity_factor: Optional[float] = None, num_shared_experts: int = 0, backend: str = "auto", *,
+                 router_kwargs: Optional[dict] = None, drop_policy: str = "weight", expert_impl: str = "auto",
+                 losses: Optional[Sequence[Loss]] = None, return_aux_loss: bool = False,
+                 layer_idx: Optional[int] = None, track_stats: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if capacity_factor is not None:
+            expert_capacity(capacity_factor, 1, 1, 1)  # validates > 0
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.backend = check_backend_name(backend)
+        self.return_aux_loss = return_aux_loss
+        self.layer_idx = layer_idx
+        self.track_stats = track_stats
+        self.aux_loss_scale = 1.0
+        self.router = self._build_router(router, router_kwargs or {}, device)
+        self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, expert_impl,
+                                      device=device, dtype=dtype)
+        self.shared_experts = (SharedExperts(hidden_size, num_shared_experts * ffn_hidden_size, activation,
+                                             device=device, dtype=dtype) if num_shared_experts else None)
+        self.losses = list(self.router.default_losses() if losses is None else losses)
+        for loss in self.losses:
+            if not callable(loss):
+                raise TypeError(f"losses must be callables (e.g. SwitchAuxLoss), got {type(loss).__name__}")
+        self.last_stats: dict[str, Tensor] = {}
+        self.last_aux_losses: dict[str, Tensor] = {}
+        self._ctx: Optional[RoutingContext] = None
+
+    def _build_router(self, router, kwargs: dict, device) -> Router:
+        if isinstance(router, Router):
+            if router.num_experts != self.num_experts or router.hidden_size != self.hidden_size:
+                raise ValueError(f"router has num_experts={router.num_experts}, hidden_size={router.hidden_size}; "
+                                 f"the layer has {self.num_experts}, {self.hidden_size}")
+            return router
+        if router not in ROUTERS:
+            raise ValueError(f"router must be a Router instance or one of {sorted(ROUTERS)}, got {router!r}")
+        return ROUTERS[router](self.hidden_size, self.num_experts, self.top_k, device=device, **kwargs)
+
+    @property
+    def layer_key(self) -> object:
+        return self.layer_idx if self.layer_idx is not None else id(self)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have shape [..., {self.hidden_size}] (hidden_size), got {tuple(x.shape)}")
+        w = self.experts.w_up
+        if x.device != w.device:
+            raise ValueError(f"x is on {x.device} but the layer's parameters are on {w.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the expert weights are {w.dtype}; cast the layer "
+                            "(layer.to(x.dtype)) or run under torch.autocast")
+
+    def _sequences(self, x: Tensor, ctx: Optional[RoutingContext], T: int) -> tuple[Optional[Tensor], int]:
+        if ctx is not None and ctx.seq_lens is not None:
+            lens = ctx.seq_lens.to(x.device)
+            if int(lens.sum()) != T or bool((lens < 0).any()):
+                raise ValueError(f"seq_lens must be non-negative and sum to the token count {T}, "
+                                 f"got sum {int(lens.sum())}")
+            return torch.repeat_interleave(torch.arange(lens.numel(), device=x.device), lens), lens.numel()
+        if x.dim() >= 3:
+            S = x.shape[-2]
+            num_seqs = T // S
+            return torch.arange(num_seqs, device=x.device).repeat_interleave(S), num_seqs
+        return None, 1
+
+    def forward(self, x: Tensor, ctx: Optional[RoutingContext] = None):
+        self._check_input(x)
+        ctx = ctx if ctx is not None else self._ctx
+        x_TD = x.reshape(-1, self.hidden_size)
+        T = x_TD.shape[0]
+        if T == 0:
+            y = x.new_zeros(x.shape)
+            return (y, x.new_zeros((), dtype=torch.float32)) if self.return_aux_loss else y
+        pad_T = ctx.padding_T(T) if ctx is not None else None
+        valid_T = None if pad_T is None else ~pad_T
+
+        decision = self.router(x_TD, ctx, self.layer_key)
+        aux = self._losses(decision, x, ctx, valid_T)
+        y_TD, load_E, routed, dropped = self._dispatch(x_TD, decision, valid_T)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self._run(self.shared_experts, x_TD)
+        if self.track_stats:
+            self.last_stats = layer_stats(decision, load_E, routed, dropped, valid_T)
+        y = y_TD.reshape(x.shape).to(x.dtype)
+        if self.return_aux_loss:
+            return y, aux
+        if aux.requires_grad and torch.is_grad_enabled():
+            y = inject_aux_loss(y, aux, self.aux_loss_scale)
+        return y
+
+    @staticmethod
+    def _run(module: nn.Module, x: Tensor, *args) -> Tensor:
+        """Run ``module`` on ``x``; under autocast, in the autocast dtype (grouped GEMMs have no autocast rule)."""
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return module(x, *args)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device_type=device, enabled=False):
+            params = {k: v.to(dtype) for k, v in module.named_parameters()}
+            return torch.func.functional_call(module, params, args=(x.to(dtype), *args))
+
+    def _losses(self, decision: RoutingDecision, x: Tensor, ctx, valid_T: Optional[Tensor]) -> Tensor:
+        total = decision.logits_TE.new_zeros(())
+        self.last_aux_losses = {}
+        if not self.losses:
+            return total
+        seq_T, num_seqs = self._sequences(x, ctx, decision.num_tokens)
+        info = LossInputs(valid_T=valid_T, seq_T=seq_T, num_seqs=num_seqs, top_k=self.top_k, layer=self)
+        for loss in self.losses:
+            value = loss(decision, info)
+            self.last_aux_losses[getattr(loss, "name", type(loss).__name__)] = value.detach()
+            total = total + value
+        return total
+
+    def _dispatch(self, x_TD: Tensor, d: RoutingDecision, valid_T: Optional[Tensor]):
+        token_N, expert_N, weight_N, top_k = d.token_N, d.expert_N, d.weight_N, d.top_k
+        T = x_TD.shape[0]
+        valid_N = None if valid_T is None else valid_T[token_N]
+        routed = token_N.new_tensor(token_N.numel()) if valid_N is None else valid_N.sum()
+        dropped = torch.zeros_like(routed)
+        if self.capacity_factor is not None:
+            num_valid = T if valid_T is None else int(valid_T.sum())
+            cap = expert_capacity(self.capacity_factor, num_valid, self.top_k, self.num_experts)
+            keep_N = capacity_keep_mask(expert_N, weight_N, self.num_experts, cap, self.drop_policy, valid_N)
+            dropped = routed - keep_N.sum()
+            token_N, expert_N, weight_N, top_k = token_N[keep_N], expert_N[keep_N], weight_N[keep_N], None
+            valid_N = None
+        order_N, counts_E, offsets_E = sort_by_expert(expert_N, self.num_experts)
+        x_ND = permute(x_TD, token_N[order_N], self.backend)
+        h_ND = self._run(self.experts, x_ND, counts_E, offsets_E)
+        y_TD = combine(h_ND, weight_N, inverse_order(order_N), token_N, T, top_k, self.backend)
+        load_E = counts_E if valid_N is None else torch.bincount(expert_N[valid_N], minlength=self.num_experts)
+        return y_TD, load_E, routed, dropped

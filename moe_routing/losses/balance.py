@@ -1,0 +1,170 @@
+"""Load-balance losses: switch aux, sequence aux (DeepSeek-V3), global-batch aux, router z-loss.
+
+Each formula is a pure function of a `RoutingDecision` plus masks; the loss classes hold a coefficient and are
+what `MoELayer(losses=[...])` takes. Counts come from `bincount` over routed pairs, never from a one-hot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..decision import RoutingDecision
+
+
+@dataclass
+class LossInputs:
+    """What a layer-level loss may read besides the decision.
+
+    valid_T: bool [T] (False = padding) or None; seq_T: int64 [T] sequence id of each token or None (one
+    sequence); num_seqs: number of sequences; top_k: nominal experts per token; layer: the MoE layer (losses
+    such as ERC read its expert weights).
+    """
+
+    valid_T: Optional[Tensor]
+    seq_T: Optional[Tensor]
+    num_seqs: int
+    top_k: int
+    layer: Any = None
+
+
+def _probs(decision: RoutingDecision) -> Tensor:
+    """Per-token probabilities: softmax scores as they are, other score functions normalised per token."""
+    s = decision.scores_TE
+    if decision.score_func == "softmax":
+        return s
+    return s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+
+
+def _valid_pairs(decision: RoutingDecision, valid_T: Optional[Tensor]) -> Tensor:
+    if valid_T is None:
+        return decision.expert_N
+    return decision.expert_N[valid_T[decision.token_N]]
+
+
+def switch_aux_loss(decision: RoutingDecision, top_k: int, valid_T: Optional[Tensor] = None,
+                    group: Optional[Any] = None, global_batch: bool = False) -> Tensor:
+    """``E * sum_i f_i * P_i`` with ``f_i = count_i / (T*k)`` and ``P_i = mean_t p_{t,i}`` (1.0 when balanced).
+
+    With ``global_batch`` and an initialised process group, counts and T are summed over ``group`` (data
+    parallel) before forming f; P stays local so gradients stay local.
+    """
+    E = decision.num_experts
+    p_TE = _probs(decision)
+    counts_E = torch.bincount(_valid_pairs(decision, valid_T), minlength=E).to(p_TE.dtype)
+    if valid_T is None:
+        num_tokens = torch.tensor(float(p_TE.shape[0]), dtype=p_TE.dtype, device=p_TE.device)
+        P_E = p_TE.mean(0)
+    else:
+        w_T = valid_T.to(p_TE.dtype)
+        num_tokens = w_T.sum()
+        P_E = (p_TE * w_T[:, None]).sum(0) / num_tokens.clamp_min(1)
+    if global_batch and dist.is_available() and dist.is_initialized():
+        stats = torch.cat([counts_E, num_tokens.reshape(1)])
+        dist.all_reduce(stats, group=group)
+        counts_E, num_tokens = stats[:E], stats[E]
+    f_E = counts_E / (num_tokens * top_k).clamp_min(1)
+    return E * (f_E * P_E).sum()
+
+
+def sequence_aux_loss(decision: RoutingDecision, top_k: int, seq_T: Optional[Tensor], num_seqs: int,
+                      valid_T: Optional[Tensor] = None) -> Tensor:
+    """Switch aux per sequence on per-token-normalised scores, averaged over sequences (DeepSeek-V3)."""
+    if seq_T is None:
+        return switch_aux_loss(decision, top_k, valid_T)
+    E = decision.num_experts
+    p_TE = decision.scores_TE / decision.scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    w_T = torch.ones_like(p_TE[:, 0]) if valid_T is None else valid_T.to(p_TE.dtype)
+    pair_w = w_T[decision.token_N]
+    seq_N = seq_T[decision.token_N]
+    counts_SE = torch.zeros(num_seqs * E, dtype=p_TE.dtype, device=p_TE.device)
+    counts_SE.index_add_(0, seq_N * E + decision.expert_N, pair_w)
+    counts_SE = counts_SE.view(num_seqs, E)
+    tokens_S = torch.zeros(num_seqs, dtype=p_TE.dtype, device=p_TE.device).index_add_(0, seq_T, w_T)
+    P_SE = torch.zeros(num_seqs, E, dtype=p_TE.dtype, device=p_TE.device).index_add_(0, seq_T, p_TE * w_T[:, None])
+    denom_S = tokens_S.clamp_min(1)
+    f_SE = counts_SE / (denom_S[:, None] * top_k)
+    per_seq = E * (f_SE * (P_SE / denom_S[:, None])).sum(-1)
+    present = (tokens_S > 0).to(p_TE.dtype)
+    return (per_seq * present).sum() / present.sum().clamp_min(1)
+
+
+def z_loss(decision: RoutingDecision, valid_T: Optional[Tensor] = None) -> Tensor:
+    """``mean_t (logsumexp_j logits_{t,j})^2`` over non-padding tokens (ST-MoE router z-loss)."""
+    z_T = torch.logsumexp(decision.logits_TE, dim=-1).square()
+    if valid_T is None:
+        return z_T.mean()
+    w_T = valid_T.to(z_T.dtype)
+    return (z_T * w_T).sum() / w_T.sum().clamp_min(1)
+
+
+class Loss:
+    """A layer-level loss: ``coeff * formula``. Subclasses define ``name`` and ``compute``."""
+
+    name = "loss"
+
+    def __init__(self, coeff: float) -> None:
+        if not isinstance(coeff, (int, float)) or coeff < 0:
+            raise ValueError(f"{type(self).__name__} coeff must be a non-negative number, got {coeff!r}")
+        self.coeff = float(coeff)
+
+    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
+        raise NotImplementedError  # abstract: every concrete loss defines it
+
+    def __call__(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
+        return self.coeff * self.compute(decision, info)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(coeff={self.coeff:g})"
+
+
+class SwitchAuxLoss(Loss):
+    """Switch-Transformer auxiliary balance loss over the micro-batch."""
+
+    name = "switch_aux"
+
+    def __init__(self, coeff: float = 1e-2) -> None:
+        super().__init__(coeff)
+
+    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
+        return switch_aux_loss(decision, info.top_k, info.valid_T)
+
+
+class GlobalBatchAuxLoss(Loss):
+    """Switch aux with expert counts summed over the data-parallel group (``group``; default world)."""
+
+    name = "global_aux"
+
+    def __init__(self, coeff: float = 1e-2, group: Optional[Any] = None) -> None:
+        super().__init__(coeff)
+        self.group = group
+
+    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
+        return switch_aux_loss(decision, info.top_k, info.valid_T, group=self.group, global_batch=True)
+
+
+class SequenceAuxLoss(Loss):
+    """DeepSeek-V3 sequence-wise balance loss (default coefficient 1e-4, the paper's alpha)."""
+
+    name = "seq_aux"
+
+    def __init__(self, coeff: float = 1e-4) -> None:
+        super().__init__(coeff)
+
+    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
+        return sequence_aux_loss(decision, info.top_k, info.seq_T, info.num_seqs, info.valid_T)
+
+
+class ZLoss(Loss):
+    """Router z-loss (ST-MoE); 1e-3 is the usual coefficient."""
+
+    name = "z_loss"
+
+    def __init__(self, coeff: float = 1e-3) -> None:
+        super().__init__(coeff)
+
+    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
+        return z_loss(decision, info.valid_T)

@@ -1,0 +1,83 @@
+"""Grouped expert matmul: ``out[rows of e] = x[rows of e] @ w[e]`` for contiguous per-expert row blocks.
+
+Two implementations: `torch._grouped_mm` wrapped in our own custom op (its own fake demands bf16, and its
+backward needs a contiguous incoming gradient), and a loop over experts on contiguous slices using ``unbind``
+(indexing ``w[e]`` in a loop makes the backward O(E^2)). The loop covers what ``_grouped_mm`` cannot: float64,
+sizes whose strides are not 16-byte aligned, and devices without support.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IMPLS = ("auto", "grouped_mm", "loop")
+
+
+@torch.library.custom_op("moe_routing::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_ND: Tensor, w_EDF: Tensor, offsets_E: Tensor) -> Tensor:
+    return torch._grouped_mm(x_ND, w_EDF, offs=offsets_E)
+
+
+@_grouped_mm_op.register_fake
+def _(x_ND, w_EDF, offsets_E):
+    return x_ND.new_empty(x_ND.shape[0], w_EDF.shape[2])
+
+
+@torch.library.custom_op("moe_routing::grouped_mm_weight_grad", mutates_args=())
+def _weight_grad_op(x_ND: Tensor, dy_NF: Tensor, offsets_E: Tensor) -> Tensor:
+    return torch._grouped_mm(x_ND.t(), dy_NF, offs=offsets_E)
+
+
+@_weight_grad_op.register_fake
+def _(x_ND, dy_NF, offsets_E):
+    return x_ND.new_empty(offsets_E.shape[0], x_ND.shape[1], dy_NF.shape[1])
+
+
+def _setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy_NF: Tensor):
+    x_ND, w_EDF, offsets_E = ctx.saved_tensors
+    dy_NF = dy_NF.contiguous()
+    dx = _grouped_mm_op(dy_NF, w_EDF.transpose(1, 2), offsets_E) if ctx.needs_input_grad[0] else None
+    dw = _weight_grad_op(x_ND, dy_NF, offsets_E) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup)
+
+
+def grouped_mm_supported(x_ND: Tensor, w_EDF: Tensor) -> bool:
+    """Whether `torch._grouped_mm` accepts these operands (dtype, device, 16-byte aligned strides)."""
+    if x_ND.dtype != w_EDF.dtype or x_ND.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if x_ND.device.type == "cuda":
+        if x_ND.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_ND.device)[0] < 9:
+            return False
+    elif x_ND.device.type != "cpu":
+        return False
+    item = x_ND.element_size()
+    return (w_EDF.shape[1] * item) % 16 == 0 and (w_EDF.shape[2] * item) % 16 == 0
+
+
+def _loop_mm(x_ND: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
+    sizes = counts_E.tolist()
+    outs = [x_n @ w_e for x_n, w_e, n in zip(x_ND.split(sizes), w_EDF.unbind(0), sizes) if n > 0]
+    if not outs:
+        return x_ND.new_zeros(0, w_EDF.shape[2])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def grouped_mm(x_ND: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor, impl: str = "auto") -> Tensor:
+    """``x_ND`` [N, D] rows grouped by expert (``counts_E`` rows each, ``offsets_E`` int32 end offsets) times
+    ``w_EDF`` [E, D, F] -> [N, F]."""
+    if impl not in IMPLS:
+        raise ValueError(f"expert_impl must be one of {IMPLS}, got {impl!r}")
+    use_grouped = grouped_mm_supported(x_ND, w_EDF) if impl == "auto" else impl == "grouped_mm"
+    if use_grouped:
+        if not grouped_mm_supported(x_ND, w_EDF):
+            raise ValueError("expert_impl='grouped_mm' needs float32/bfloat16 operands of one dtype whose "
+                             "hidden sizes are multiples of 16 bytes (CPU, or bf16 on sm90+); use 'auto' or 'loop'")
+        return _grouped_mm_op(x_ND.contiguous(), w_EDF, offsets_E)
+    return _loop_mm(x_ND, w_EDF, counts_E)

@@ -1,0 +1,59 @@
+"""Permute: gather token rows into expert-sorted order (one row per routed pair).
+
+``x_ND = x_TD[rows_N]`` with ``rows_N = token_N[order_N]``. Backward is an unweighted combine:
+``dx[t] = sum of dx_ND rows gathered from t``, accumulated in float32 (float64 for float64 inputs).
+Registered as a `torch.library.custom_op` with a fake so `torch.compile` traces it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backend import accumulate_dtype, resolve_backend
+
+
+@torch.library.custom_op("moe_routing::permute", mutates_args=())
+def _permute(x_TD: Tensor, rows_N: Tensor) -> Tensor:
+    return x_TD.index_select(0, rows_N)
+
+
+@_permute.register_fake
+def _(x_TD: Tensor, rows_N: Tensor) -> Tensor:
+    return x_TD.new_empty(rows_N.shape[0], x_TD.shape[1])
+
+
+@torch.library.custom_op("moe_routing::permute_backward", mutates_args=())
+def _permute_backward(grad_ND: Tensor, rows_N: Tensor, num_tokens: int) -> Tensor:
+    acc = accumulate_dtype(grad_ND.dtype)
+    out = torch.zeros(num_tokens, grad_ND.shape[1], dtype=acc, device=grad_ND.device)
+    out.index_add_(0, rows_N, grad_ND.to(acc))
+    return out.to(grad_ND.dtype)
+
+
+@_permute_backward.register_fake
+def _(grad_ND: Tensor, rows_N: Tensor, num_tokens: int) -> Tensor:
+    return grad_ND.new_empty(num_tokens, grad_ND.shape[1])
+
+
+def _setup(ctx, inputs, output) -> None:
+    x_TD, rows_N = inputs
+    ctx.save_for_backward(rows_N)
+    ctx.num_tokens = x_TD.shape[0]
+
+
+def _backward(ctx, grad_ND: Tensor):
+    (rows_N,) = ctx.saved_tensors
+    return _permute_backward(grad_ND.contiguous(), rows_N, ctx.num_tokens), None
+
+
+_permute.register_autograd(_backward, setup_context=_setup)
+
+
+def permute(x_TD: Tensor, rows_N: Tensor, backend: str = "auto") -> Tensor:
+    """Gather ``x_TD`` [T, D] rows ``rows_N`` (int64 [N], values in [0, T)) into ``x_ND`` [N, D]."""
+    resolve_backend(backend)
+    if x_TD.dim() != 2:
+        raise ValueError(f"x_TD must be 2-D [T, D], got shape {tuple(x_TD.shape)}")
+    if rows_N.dim() != 1 or rows_N.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"rows_N must be a 1-D int32/int64 tensor, got {rows_N.dtype} {tuple(rows_N.shape)}")
+    return _permute(x_TD.contiguous(), rows_N.long())
