@@ -5,6 +5,7 @@ what `MoELayer(losses=[...])` takes. Counts come from `bincount` over routed pai
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -101,7 +102,7 @@ def z_loss(decision: RoutingDecision, valid_T: Optional[Tensor] = None) -> Tenso
     return (z_T * w_T).sum() / w_T.sum().clamp_min(1)
 
 
-class Loss:
+class Loss(ABC):
     """A layer-level loss: ``coeff * formula``. Subclasses define ``name`` and ``compute``."""
 
     name = "loss"
@@ -111,8 +112,9 @@ class Loss:
             raise ValueError(f"{type(self).__name__} coeff must be a non-negative number, got {coeff!r}")
         self.coeff = float(coeff)
 
+    @abstractmethod
     def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
-        raise NotImplementedError  # abstract: every concrete loss defines it
+        """The loss without its coefficient (a scalar tensor)."""
 
     def __call__(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
         return self.coeff * self.compute(decision, info)

@@ -16,11 +16,15 @@ from .backend import accumulate_dtype, resolve_backend
 def _combine(h_ND: Tensor, weight_N: Tensor, row_N: Tensor, token_N: Tensor, num_tokens: int,
              top_k: int) -> Tensor:
     acc = accumulate_dtype(h_ND.dtype, weight_N.dtype)
-    vals_ND = h_ND.index_select(0, row_N).to(acc) * weight_N.to(acc)[:, None]
-    if top_k > 0:
-        y = vals_ND.view(num_tokens, top_k, h_ND.shape[1]).sum(1)
+    D = h_ND.shape[1]
+    if top_k > 0:  # y[t] = w[t, :] @ h[rows of t]: one gather and a batched GEMV, no [N, D] product
+        h_TKD = h_ND.index_select(0, row_N).to(acc).view(num_tokens, top_k, D)
+        y = torch.bmm(weight_N.to(acc).view(num_tokens, 1, top_k), h_TKD).view(num_tokens, D)
     else:
-        y = torch.zeros(num_tokens, h_ND.shape[1], dtype=acc, device=h_ND.device).index_add_(0, token_N, vals_ND)
+        weight_sorted = torch.empty_like(weight_N, dtype=acc).index_copy_(0, row_N, weight_N.to(acc))
+        token_sorted = torch.empty_like(token_N).index_copy_(0, row_N, token_N)
+        y = torch.zeros(num_tokens, D, dtype=acc, device=h_ND.device)
+        y.index_add_(0, token_sorted, h_ND.to(acc) * weight_sorted[:, None])
     return y.to(h_ND.dtype)
 
 
@@ -32,12 +36,15 @@ def _(h_ND, weight_N, row_N, token_N, num_tokens, top_k):
 @torch.library.custom_op("moe_routing::combine_backward", mutates_args=())
 def _combine_backward(grad_TD: Tensor, h_ND: Tensor, weight_N: Tensor, row_N: Tensor,
                       token_N: Tensor) -> tuple[Tensor, Tensor]:
+    # Work in expert-sorted order: one gather of dy serves both gradients, and d_h needs no scatter.
     acc = accumulate_dtype(h_ND.dtype, weight_N.dtype, grad_TD.dtype)
-    dy_ND = grad_TD.index_select(0, token_N).to(acc)
-    d_weight_N = (dy_ND * h_ND.index_select(0, row_N).to(acc)).sum(-1)
-    d_h_ND = torch.empty_like(h_ND)
-    d_h_ND.index_copy_(0, row_N, (dy_ND * weight_N.to(acc)[:, None]).to(h_ND.dtype))
-    return d_h_ND, d_weight_N.to(weight_N.dtype)
+    N, D = h_ND.shape
+    token_sorted = torch.empty_like(token_N).index_copy_(0, row_N, token_N)
+    weight_sorted = torch.empty_like(weight_N, dtype=acc).index_copy_(0, row_N, weight_N.to(acc))
+    dy_ND = grad_TD.index_select(0, token_sorted).to(acc)
+    d_weight_sorted = torch.bmm(dy_ND.view(N, 1, D), h_ND.to(acc).view(N, D, 1)).view(N)
+    d_h_ND = (dy_ND * weight_sorted[:, None]).to(h_ND.dtype)
+    return d_h_ND, d_weight_sorted.index_select(0, row_N).to(weight_N.dtype)
 
 
 @_combine_backward.register_fake

@@ -1,6 +1,7 @@
 """Router base class: input checks, float32 parameter keeping, and the hooks every router shares."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, Optional
 
 import torch
@@ -11,7 +12,7 @@ from ..decision import RoutingContext, RoutingDecision
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class Router(nn.Module):
+class Router(nn.Module, ABC):
     """Base class for routers: decide which experts each token uses; never dispatch.
 
     Subclasses implement ``route(x_TD, ctx, layer_key) -> RoutingDecision`` and may override
@@ -59,8 +60,9 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return self.route(x_TD.to(self.math_dtype), ctx, layer_key)
 
+    @abstractmethod
     def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
-        raise NotImplementedError  # abstract: every concrete router defines it
+        """Decide for ``x_TD`` [T, D] (already in ``math_dtype``, autocast off)."""
 
     def default_losses(self) -> list:
         """Losses a layer uses when the user passes none (see the README's table)."""
