@@ -11,7 +11,7 @@ from .experts import GroupedExperts, SharedExperts
 from .losses.attach import inject_aux_loss
 from .losses.balance import Loss, LossInputs
 from .metrics import layer_stats
-from .ops.backend import check_backend_name
+from .ops.backend import check_backend_name, resolve_backend
 from .ops.capacity import DROP_POLICIES, capacity_keep_mask, expert_capacity
 from .ops.combine import combine
 from .ops.counts import inverse_order, sort_by_expert
@@ -123,6 +123,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor, ctx: Optional[RoutingContext] = None):
         self._check_input(x)
+        backend = resolve_backend(self.backend, x.device)  # an unavailable backend fails before any compute
         ctx = ctx if ctx is not None else self._ctx
         x_TD = x.reshape(-1, self.hidden_size)
         T = x_TD.shape[0]
@@ -134,7 +135,7 @@ class MoELayer(nn.Module):
 
         decision = self.router(x_TD, ctx, self.layer_key)
         aux = self._losses(decision, x, ctx, valid_T)
-        y_TD, load_E, routed, dropped = self._dispatch(x_TD, decision, valid_T)
+        y_TD, load_E, routed, dropped = self._dispatch(x_TD, decision, valid_T, backend)
         if self.shared_experts is not None:
             y_TD = y_TD + self._run(self.shared_experts, x_TD)
         if self.track_stats:
@@ -170,7 +171,7 @@ class MoELayer(nn.Module):
             total = total + value
         return total
 
-    def _dispatch(self, x_TD: Tensor, d: RoutingDecision, valid_T: Optional[Tensor]):
+    def _dispatch(self, x_TD: Tensor, d: RoutingDecision, valid_T: Optional[Tensor], backend: str):
         token_N, expert_N, weight_N, top_k = d.token_N, d.expert_N, d.weight_N, d.top_k
         T = x_TD.shape[0]
         valid_N = None if valid_T is None else valid_T[token_N]
@@ -184,8 +185,8 @@ class MoELayer(nn.Module):
             token_N, expert_N, weight_N, top_k = token_N[keep_N], expert_N[keep_N], weight_N[keep_N], None
             valid_N = None
         order_N, counts_E, offsets_E = sort_by_expert(expert_N, self.num_experts)
-        x_ND = permute(x_TD, token_N[order_N], self.backend)
+        x_ND = permute(x_TD, token_N[order_N], backend)
         h_ND = self._run(self.experts, x_ND, counts_E, offsets_E)
-        y_TD = combine(h_ND, weight_N, inverse_order(order_N), token_N, T, top_k, self.backend)
+        y_TD = combine(h_ND, weight_N, inverse_order(order_N), token_N, T, top_k, backend)
         load_E = counts_E if valid_N is None else torch.bincount(expert_N[valid_N], minlength=self.num_experts)
         return y_TD, load_E, routed, dropped

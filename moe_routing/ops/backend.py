@@ -1,10 +1,13 @@
 """Which implementation a dispatch op runs: the choice, and clear errors when one is unavailable."""
 from __future__ import annotations
 
+import importlib.util
 import os
+from typing import Optional
+
+import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-_IMPLEMENTED = ("torch",)
 
 
 def check_backend_name(name: str) -> str:
@@ -13,23 +16,42 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-def resolve_backend(name: str) -> str:
-    """Resolve ``name`` (``MOE_ROUTING_BACKEND`` overrides it) to an implemented backend.
+def triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton backend cannot run on ``device`` (None when it can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton backend needs the triton package (pip install 'moe_routing[triton]')"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton backend needs CUDA tensors or TRITON_INTERPRET=1 (set before moe_routing is imported)"
+    return None
 
-    "auto" picks the fastest implemented backend for the tensors' device; today that is the torch reference
-    on every device. Asking for one that is not implemented raises ValueError saying so.
+
+def resolve_backend(name: str, device: torch.device = torch.device("cpu")) -> str:
+    """Resolve ``name`` (``MOE_ROUTING_BACKEND`` overrides it) for tensors on ``device``.
+
+    "auto": Triton on CUDA tensors when triton is importable, else the torch reference. An explicit backend
+    that cannot run raises ValueError saying why.
     """
     name = check_backend_name(os.environ.get("MOE_ROUTING_BACKEND") or name)
     if name == "auto":
-        return "torch"
-    if name not in _IMPLEMENTED:
-        raise ValueError(f"backend {name!r} is unavailable: this version of moe_routing ships only the "
-                         f"{_IMPLEMENTED} backend(s); use backend='torch' or 'auto'")
+        return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "torch"
+    if name == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(reason)
+    if name == "cuda":
+        raise ValueError("cuda backend is unavailable: the CUDA C++ kernels are not part of this version; "
+                         "use backend='triton', 'torch' or 'auto'")
     return name
 
 
-def accumulate_dtype(*dtypes) -> "torch.dtype":
+def accumulate_dtype(*dtypes) -> torch.dtype:
     """float64 if any input is float64 (gradcheck), else float32 (bf16/fp16/fp32 inputs)."""
-    import torch
-
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def token_offsets(token_N: torch.Tensor, num_tokens: int, top_k: int = 0) -> torch.Tensor:
+    """CSR offsets [T+1] of each token's pairs (pairs sorted by token), as the token-major kernels take."""
+    if top_k > 0:
+        return torch.arange(num_tokens + 1, device=token_N.device) * top_k
+    counts = torch.bincount(token_N, minlength=num_tokens)
+    return torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))

@@ -9,12 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import accumulate_dtype, resolve_backend
+from .backend import accumulate_dtype, resolve_backend, token_offsets
 
 
 @torch.library.custom_op("moe_routing::combine", mutates_args=())
 def _combine(h_ND: Tensor, weight_N: Tensor, row_N: Tensor, token_N: Tensor, num_tokens: int,
-             top_k: int) -> Tensor:
+             top_k: int, backend: str) -> Tensor:
+    if backend == "triton":
+        from .._kernels import combine as kernel
+
+        return kernel.combine(h_ND, weight_N, row_N, token_offsets(token_N, num_tokens, top_k), top_k or None)
     acc = accumulate_dtype(h_ND.dtype, weight_N.dtype)
     D = h_ND.shape[1]
     if top_k > 0:  # y[t] = w[t, :] @ h[rows of t]: one gather and a batched GEMV, no [N, D] product
@@ -29,13 +33,17 @@ def _combine(h_ND: Tensor, weight_N: Tensor, row_N: Tensor, token_N: Tensor, num
 
 
 @_combine.register_fake
-def _(h_ND, weight_N, row_N, token_N, num_tokens, top_k):
+def _(h_ND, weight_N, row_N, token_N, num_tokens, top_k, backend):
     return h_ND.new_empty(num_tokens, h_ND.shape[1])
 
 
 @torch.library.custom_op("moe_routing::combine_backward", mutates_args=())
 def _combine_backward(grad_TD: Tensor, h_ND: Tensor, weight_N: Tensor, row_N: Tensor,
-                      token_N: Tensor) -> tuple[Tensor, Tensor]:
+                      token_N: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from .._kernels import combine as kernel
+
+        return kernel.combine_backward(grad_TD, h_ND, weight_N, row_N, token_N)
     # Work in expert-sorted order: one gather of dy serves both gradients, and d_h needs no scatter.
     acc = accumulate_dtype(h_ND.dtype, weight_N.dtype, grad_TD.dtype)
     N, D = h_ND.shape
@@ -48,19 +56,20 @@ def _combine_backward(grad_TD: Tensor, h_ND: Tensor, weight_N: Tensor, row_N: Te
 
 
 @_combine_backward.register_fake
-def _(grad_TD, h_ND, weight_N, row_N, token_N):
+def _(grad_TD, h_ND, weight_N, row_N, token_N, backend):
     return torch.empty_like(h_ND), torch.empty_like(weight_N)
 
 
 def _setup(ctx, inputs, output) -> None:
-    h_ND, weight_N, row_N, token_N, _, _ = inputs
+    h_ND, weight_N, row_N, token_N, _, _, backend = inputs
     ctx.save_for_backward(h_ND, weight_N, row_N, token_N)
+    ctx.backend = backend
 
 
 def _backward(ctx, grad_TD: Tensor):
     h_ND, weight_N, row_N, token_N = ctx.saved_tensors
-    d_h, d_w = _combine_backward(grad_TD.contiguous(), h_ND, weight_N, row_N, token_N)
-    return d_h, d_w, None, None, None, None
+    d_h, d_w = _combine_backward(grad_TD.contiguous(), h_ND, weight_N, row_N, token_N, ctx.backend)
+    return d_h, d_w, None, None, None, None, None
 
 
 _combine.register_autograd(_backward, setup_context=_setup)
@@ -79,7 +88,6 @@ def combine(h_ND: Tensor, weight_N: Tensor, row_N: Tensor, token_N: Tensor, num_
     Returns:
         y_TD [T, D] in ``h_ND``'s dtype.
     """
-    resolve_backend(backend)
     N = h_ND.shape[0]
     if h_ND.dim() != 2:
         raise ValueError(f"h_ND must be 2-D [N, D], got shape {tuple(h_ND.shape)}")
@@ -89,4 +97,4 @@ def combine(h_ND: Tensor, weight_N: Tensor, row_N: Tensor, token_N: Tensor, num_
     if top_k is not None and top_k * num_tokens != N:
         raise ValueError(f"top_k={top_k} needs N = T*K = {num_tokens * top_k} pairs, got {N}")
     return _combine(h_ND.contiguous(), weight_N.contiguous(), row_N.long(), token_N.long(), int(num_tokens),
-                    int(top_k or 0))
+                    int(top_k or 0), resolve_backend(backend, h_ND.device))

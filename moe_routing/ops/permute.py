@@ -9,21 +9,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import accumulate_dtype, resolve_backend
+from .backend import accumulate_dtype, resolve_backend, token_offsets
 
 
 @torch.library.custom_op("moe_routing::permute", mutates_args=())
-def _permute(x_TD: Tensor, rows_N: Tensor) -> Tensor:
+def _permute(x_TD: Tensor, rows_N: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        from .._kernels import permute as kernel
+
+        return kernel.permute(x_TD, rows_N)
     return x_TD.index_select(0, rows_N)
 
 
 @_permute.register_fake
-def _(x_TD: Tensor, rows_N: Tensor) -> Tensor:
+def _(x_TD: Tensor, rows_N: Tensor, backend: str) -> Tensor:
     return x_TD.new_empty(rows_N.shape[0], x_TD.shape[1])
 
 
 @torch.library.custom_op("moe_routing::permute_backward", mutates_args=())
-def _permute_backward(grad_ND: Tensor, rows_N: Tensor, num_tokens: int) -> Tensor:
+def _permute_backward(grad_ND: Tensor, rows_N: Tensor, num_tokens: int, backend: str) -> Tensor:
+    if backend == "triton":  # token-major unweighted combine: each token sums its rows, no atomics
+        from .._kernels import combine as kernel
+
+        rows_by_token = torch.sort(rows_N, stable=True).indices
+        return kernel.combine(grad_ND, None, rows_by_token, token_offsets(rows_N, num_tokens))
     acc = accumulate_dtype(grad_ND.dtype)
     out = torch.zeros(num_tokens, grad_ND.shape[1], dtype=acc, device=grad_ND.device)
     out.index_add_(0, rows_N, grad_ND.to(acc))
@@ -31,19 +40,19 @@ def _permute_backward(grad_ND: Tensor, rows_N: Tensor, num_tokens: int) -> Tenso
 
 
 @_permute_backward.register_fake
-def _(grad_ND: Tensor, rows_N: Tensor, num_tokens: int) -> Tensor:
+def _(grad_ND: Tensor, rows_N: Tensor, num_tokens: int, backend: str) -> Tensor:
     return grad_ND.new_empty(num_tokens, grad_ND.shape[1])
 
 
 def _setup(ctx, inputs, output) -> None:
-    x_TD, rows_N = inputs
+    x_TD, rows_N, backend = inputs
     ctx.save_for_backward(rows_N)
-    ctx.num_tokens = x_TD.shape[0]
+    ctx.num_tokens, ctx.backend = x_TD.shape[0], backend
 
 
 def _backward(ctx, grad_ND: Tensor):
     (rows_N,) = ctx.saved_tensors
-    return _permute_backward(grad_ND.contiguous(), rows_N, ctx.num_tokens), None
+    return _permute_backward(grad_ND.contiguous(), rows_N, ctx.num_tokens, ctx.backend), None, None
 
 
 _permute.register_autograd(_backward, setup_context=_setup)
@@ -51,9 +60,8 @@ _permute.register_autograd(_backward, setup_context=_setup)
 
 def permute(x_TD: Tensor, rows_N: Tensor, backend: str = "auto") -> Tensor:
     """Gather ``x_TD`` [T, D] rows ``rows_N`` (int64 [N], values in [0, T)) into ``x_ND`` [N, D]."""
-    resolve_backend(backend)
     if x_TD.dim() != 2:
         raise ValueError(f"x_TD must be 2-D [T, D], got shape {tuple(x_TD.shape)}")
     if rows_N.dim() != 1 or rows_N.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"rows_N must be a 1-D int32/int64 tensor, got {rows_N.dtype} {tuple(rows_N.shape)}")
-    return _permute(x_TD.contiguous(), rows_N.long())
+    return _permute(x_TD.contiguous(), rows_N.long(), resolve_backend(backend, x_TD.device))

@@ -1,0 +1,105 @@
+"""Unpermute + combine kernels.
+
+Forward is token-major and atomic-free: each program owns a block of output tokens and sums that token's
+pairs (CSR ``token_offsets``) in a fixed order, so results are deterministic. With no weights it is permute's
+backward. Backward is pair-major: ``d_h[row[p]] = w[p] * dy[token[p]]``, ``d_w[p] = <dy[token[p]], h[row[p]]>``.
+Load, convert to the accumulate dtype (a constexpr), compute, store.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import acc_dtype, block_d, check_index
+
+
+@triton.jit
+def _combine_kernel(h_ptr, w_ptr, row_ptr, offs_ptr, y_ptr, T, D, max_pairs,
+                    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < T
+    start = tl.load(offs_ptr + t, mask=t_mask, other=0)
+    end = tl.load(offs_ptr + t + 1, mask=t_mask, other=0)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+        for j in range(0, max_pairs):
+            p = start + j
+            p_mask = t_mask & (p < end)
+            row = tl.load(row_ptr + p, mask=p_mask, other=0).to(tl.int64)
+            h = tl.load(h_ptr + row[:, None] * D + d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+            h = h.to(ACC)
+            if HAS_W:
+                w = tl.load(w_ptr + p, mask=p_mask, other=0.0).to(ACC)
+                h = h * w[:, None]
+            acc += h
+        out_mask = t_mask[:, None] & d_mask[None, :]
+        tl.store(y_ptr + t.to(tl.int64)[:, None] * D + d[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _combine_backward_kernel(dy_ptr, h_ptr, w_ptr, row_ptr, tok_ptr, dh_ptr, dw_ptr, N, D,
+                             ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    p = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_mask = p < N
+    row = tl.load(row_ptr + p, mask=p_mask, other=0).to(tl.int64)
+    tok = tl.load(tok_ptr + p, mask=p_mask, other=0).to(tl.int64)
+    w = tl.load(w_ptr + p, mask=p_mask, other=0.0).to(ACC)
+    dot = tl.zeros((BLOCK_N,), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = p_mask[:, None] & (d < D)[None, :]
+        dy = tl.load(dy_ptr + tok[:, None] * D + d[None, :], mask=mask, other=0.0).to(ACC)
+        h = tl.load(h_ptr + row[:, None] * D + d[None, :], mask=mask, other=0.0).to(ACC)
+        tl.store(dh_ptr + row[:, None] * D + d[None, :], (dy * w[:, None]).to(dh_ptr.dtype.element_ty), mask=mask)
+        dot += tl.sum(dy * h, axis=1)
+    tl.store(dw_ptr + p, dot.to(dw_ptr.dtype.element_ty), mask=p_mask)
+
+
+def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_N: torch.Tensor,
+            token_offsets_T1: torch.Tensor, max_pairs: Optional[int] = None,
+            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``y[t] = sum_{p in offsets[t]:offsets[t+1]} w[p] * h_ND[row_N[p]]`` (w = 1 when ``weight_N`` is None).
+
+    ``max_pairs``: the most pairs any token has (K for fixed-k); computed (a host sync) when None.
+    """
+    h_ND = h_ND.contiguous()
+    N, D = h_ND.shape
+    T = token_offsets_T1.numel() - 1
+    if row_N.shape != (N,) or (weight_N is not None and weight_N.shape != (N,)):
+        raise ValueError(f"row_N and weight_N must have shape [{N}] (rows of h_ND)")
+    check_index("row_N", row_N, N)
+    if max_pairs is None:
+        max_pairs = int((token_offsets_T1[1:] - token_offsets_T1[:-1]).max()) if T > 0 else 0
+    y = torch.empty(T, D, dtype=out_dtype or h_ND.dtype, device=h_ND.device)
+    if T == 0 or D == 0:
+        return y
+    dtypes = (h_ND.dtype,) if weight_N is None else (h_ND.dtype, weight_N.dtype)
+    BLOCK_T = 16
+    _combine_kernel[(triton.cdiv(T, BLOCK_T),)](
+        h_ND, h_ND if weight_N is None else weight_N.contiguous(), row_N.contiguous(),
+        token_offsets_T1.contiguous(), y, T, D, max_pairs, HAS_W=weight_N is not None, ACC=acc_dtype(*dtypes),
+        BLOCK_T=BLOCK_T, BLOCK_D=block_d(D))
+    return y
+
+
+def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.Tensor, row_N: torch.Tensor,
+                     token_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `combine` for expert outputs ``h_ND`` [N, D] and gate weights ``weight_N`` [N]."""
+    grad_TD, h_ND = grad_TD.contiguous(), h_ND.contiguous()
+    N, D = h_ND.shape
+    check_index("row_N", row_N, N)
+    check_index("token_N", token_N, grad_TD.shape[0])
+    d_h = torch.empty_like(h_ND)
+    d_w = torch.empty_like(weight_N)
+    if N == 0:
+        return d_h, d_w
+    BLOCK_N = 16
+    _combine_backward_kernel[(triton.cdiv(N, BLOCK_N),)](
+        grad_TD, h_ND, weight_N.contiguous(), row_N.contiguous(), token_N.contiguous(), d_h, d_w, N, D,
+        ACC=acc_dtype(h_ND.dtype, weight_N.dtype, grad_TD.dtype), BLOCK_N=BLOCK_N, BLOCK_D=block_d(D))
+    return d_h, d_w

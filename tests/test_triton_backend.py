@@ -1,0 +1,140 @@
+"""Triton backend (under TRITON_INTERPRET=1 on CPU) against the torch reference backend."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import moe_routing as mr  # noqa: E402
+from moe_routing.ops import combine, permute  # noqa: E402
+from moe_routing.ops.backend import resolve_backend  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+def _pairs(T, E, K, gen, variable=False):
+    """Routed pairs in token order: fixed K distinct experts per token, or 0..K experts when ``variable``."""
+    token, expert = [], []
+    for t in range(T):
+        k = int(torch.randint(0, K + 1, (1,), generator=gen)) if variable else K
+        for e in torch.randperm(E, generator=gen)[:k].tolist():
+            token.append(t)
+            expert.append(e)
+    token_N = torch.tensor(token, dtype=torch.long)
+    expert_N = torch.tensor(expert, dtype=torch.long)
+    order_N, _, _ = mr.ops.sort_by_expert(expert_N, E)
+    return token_N, expert_N, order_N, mr.ops.inverse_order(order_N)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("D", [1, 33, 1030])
+def test_permute_exact(index_dtype, D):
+    gen = torch.Generator().manual_seed(D)
+    x = torch.randn(11, D, generator=gen)
+    rows = torch.randint(0, 11, (29,), generator=gen).to(index_dtype)
+    assert torch.equal(permute(x, rows, "triton"), permute(x, rows, "torch"))
+
+
+@pytest.mark.parametrize("T,E,K,variable", [(1, 4, 2, False), (17, 8, 3, False), (23, 256, 4, False),
+                                             (19, 6, 3, True)])
+@pytest.mark.parametrize("D", [7, 1030])
+def test_combine_and_backward_fp32(T, E, K, variable, D):
+    gen = torch.Generator().manual_seed(T * D)
+    token_N, _, order_N, row_N = _pairs(T, E, K, gen, variable)
+    N = token_N.numel()
+    top_k = None if variable else K
+    h = torch.randn(N, D, generator=gen, requires_grad=True)
+    w = torch.rand(N, generator=gen, requires_grad=True)
+    dy = torch.randn(T, D, generator=gen)
+    outs = {}
+    for backend in ("torch", "triton"):
+        y = combine(h, w, row_N, token_N, T, top_k, backend)
+        outs[backend] = (y, *torch.autograd.grad(y, (h, w), dy))
+    atol = 1e-6 * max(1.0, K * D ** 0.5)
+    for ref, got in zip(outs["torch"], outs["triton"]):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=atol)
+
+
+def test_combine_bf16_within_bf16_tolerance():
+    gen = torch.Generator().manual_seed(1)
+    T, E, K, D = 13, 8, 2, 64
+    token_N, _, _, row_N = _pairs(T, E, K, gen)
+    h32 = torch.randn(T * K, D, generator=gen)
+    w = torch.rand(T * K, generator=gen)
+    ref = combine(h32.bfloat16().float(), w, row_N, token_N, T, K, "torch")
+    got = combine(h32.bfloat16(), w, row_N, token_N, T, K, "triton")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=1.6e-2, atol=1e-2)
+
+
+def test_gradcheck_float64_through_triton_ops():
+    gen = torch.Generator().manual_seed(2)
+    token_N, _, _, row_N = _pairs(4, 3, 2, gen)
+    h = torch.randn(8, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.rand(8, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: combine(a, b, row_N, token_N, 4, 2, "triton"), (h, w))
+    assert torch.autograd.gradcheck(lambda a, b: combine(a, b, row_N, token_N, 4, None, "triton"), (h, w))
+    rows = torch.tensor([0, 3, 3, 1, 0, 2, 3])
+    assert torch.autograd.gradcheck(lambda a: permute(a, rows, "triton"), (x,))
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_layer_triton_matches_torch(capacity_factor):
+    torch.manual_seed(0)
+    layer = mr.MoELayer(33, 24, 6, 2, capacity_factor=capacity_factor)
+    x = torch.randn(2, 9, 33, requires_grad=True)
+    params = [x, layer.router.weight, layer.experts.w_gate, layer.experts.w_down]
+    results = []
+    for backend in ("torch", "triton"):
+        layer.backend = backend
+        y = layer(x)
+        results.append((y, *torch.autograd.grad(y.square().sum(), params)))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_range_index_raises_before_launch():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="rows_N"):
+        permute(x, torch.tensor([0, 4]), "triton")
+    h, w = torch.randn(2, 8), torch.rand(2)
+    with pytest.raises(ValueError, match="row_N"):
+        combine(h, w, torch.tensor([0, 2]), torch.tensor([0, 1]), 2, 1, "triton")
+
+
+def test_backend_resolution_and_errors(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "torch"  # auto picks Triton only for CUDA tensors
+    assert resolve_backend("triton", cpu) == "triton"  # interpreter on
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA tensors or TRITON_INTERPRET=1"):
+        resolve_backend("triton", cpu)
+    with pytest.raises(ValueError, match="cuda backend is unavailable"):
+        resolve_backend("cuda", cpu)
+    monkeypatch.setenv("MOE_ROUTING_BACKEND", "torch")
+    assert resolve_backend("triton", cpu) == "torch"
+    monkeypatch.setenv("MOE_ROUTING_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("auto", cpu)
+    layer = mr.MoELayer(8, 8, 2, 1, backend="cuda")
+    monkeypatch.delenv("MOE_ROUTING_BACKEND")
+    with pytest.raises(ValueError, match="cuda backend"):
+        layer(torch.randn(3, 8))
+
+
+def test_gpu_check_smoke(tmp_path):
+    """The GPU script's code paths (checks, timing, JSON) run end to end on tiny sizes under the interpreter."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check_smoke.json").read_text())
+    assert {r["op"] for r in report["ops"]} == {"permute", "combine", "combine_bwd"}
+    assert report["layer"]["E"] == 8 and report["copy_GBps"] > 0
