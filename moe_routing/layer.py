@@ -184,7 +184,7 @@ class MoELayer(nn.Module):
             dropped = routed - keep_N.sum()
             token_N, expert_N, weight_N, top_k = token_N[keep_N], expert_N[keep_N], weight_N[keep_N], None
             valid_N = None
-        order_N, counts_E, offsets_E = sort_by_expert(expert_N, self.num_experts)
+        order_N, counts_E, offsets_E = sort_by_expert(expert_N, self.num_experts, backend)
         x_ND = permute(x_TD, token_N[order_N], backend)
         h_ND = self._run(self.experts, x_ND, counts_E, offsets_E)
         y_TD = combine(h_ND, weight_N, inverse_order(order_N), token_N, T, top_k, backend)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backend import resolve_backend
 
-def sort_by_expert(expert_N: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+
+def sort_by_expert(expert_N: Tensor, num_experts: int, backend: str = "torch") -> tuple[Tensor, Tensor, Tensor]:
     """Stable sort of routed pairs by expert.
 
     Args:
@@ -17,6 +19,10 @@ def sort_by_expert(expert_N: Tensor, num_experts: int) -> tuple[Tensor, Tensor, 
         counts_E: int64 [E] pairs per expert.
         offsets_E: int32 [E] end offset of each expert's rows (inclusive prefix sum), as grouped GEMMs take.
     """
+    if resolve_backend(backend, expert_N.device) == "triton":
+        from .._kernels import counts as kernel
+
+        return kernel.sort_by_expert(expert_N, num_experts)
     order_N = torch.sort(expert_N, stable=True).indices
     counts_E = torch.bincount(expert_N, minlength=num_experts)
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
