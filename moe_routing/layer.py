@@ -67,7 +67,7 @@ class MoELayer(nn.Module):
         self.layer_idx = layer_idx
         self.track_stats = track_stats
         self.aux_loss_scale = 1.0
-        self.router = self._build_router(router, router_kwargs or {}, device)
+        self.router = self._build_router(router, router_kwargs or {}, device, dtype)
         self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, expert_impl,
                                       device=device, dtype=dtype)
         self.shared_experts = (SharedExperts(hidden_size, num_shared_experts * ffn_hidden_size, activation,
@@ -80,7 +80,7 @@ class MoELayer(nn.Module):
         self.last_aux_losses: dict[str, Tensor] = {}
         self._ctx: Optional[RoutingContext] = None
 
-    def _build_router(self, router, kwargs: dict, device) -> Router:
+    def _build_router(self, router, kwargs: dict, device, dtype=None) -> Router:
         if isinstance(router, Router):
             if router.num_experts != self.num_experts or router.hidden_size != self.hidden_size:
                 raise ValueError(f"router has num_experts={router.num_experts}, hidden_size={router.hidden_size}; "
@@ -88,7 +88,9 @@ class MoELayer(nn.Module):
             return router
         if router not in ROUTERS:
             raise ValueError(f"router must be a Router instance or one of {sorted(ROUTERS)}, got {router!r}")
-        return ROUTERS[router](self.hidden_size, self.num_experts, self.top_k, device=device, **kwargs)
+        # dtype: a float64 layer gets a float64 router; bf16/fp16 give float32 (the router keeps float32)
+        return ROUTERS[router](self.hidden_size, self.num_experts, self.top_k, **{"device": device, "dtype": dtype,
+                                                                                  **kwargs})
 
     @property
     def layer_key(self) -> object:
@@ -128,10 +130,12 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, self.hidden_size)
         T = x_TD.shape[0]
         if T == 0:
-            y = x.new_zeros(x.shape)
+            y = x * 0  # empty; stays in x's graph so a backward through an empty micro-batch works
             return (y, x.new_zeros((), dtype=torch.float32)) if self.return_aux_loss else y
         pad_T = ctx.padding_T(T) if ctx is not None else None
         valid_T = None if pad_T is None else ~pad_T
+        if ctx is not None and ctx.seq_lens is not None:
+            self._sequences(x, ctx, T)  # validate seq_lens before any compute, whether or not a loss reads them
 
         decision = self.router(x_TD, ctx, self.layer_key)
         aux = self._losses(decision, x, ctx, valid_T)

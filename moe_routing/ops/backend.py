@@ -37,10 +37,15 @@ def resolve_backend(name: str, device: torch.device = torch.device("cpu")) -> st
     if name == "triton":
         reason = triton_unavailable_reason(device)
         if reason is not None:
-            raise ValueError(reason)
+            raise ValueError(f"triton backend is unavailable: {reason}")
     if name == "cuda":
-        raise ValueError("cuda backend is unavailable: the CUDA C++ kernels are not part of this version; "
-                         "use backend='triton', 'torch' or 'auto'")
+        if device.type != "cuda":
+            raise ValueError(f"cuda backend is unavailable: it needs CUDA tensors, got device {device}")
+        from . import cuda_lib
+
+        ok, reason = cuda_lib.is_available()
+        if not ok:
+            raise ValueError(f"cuda backend is unavailable: {reason}")
     return name
 
 

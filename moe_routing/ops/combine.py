@@ -19,6 +19,10 @@ def _combine(h_ND: Tensor, weight_N: Tensor, row_N: Tensor, token_N: Tensor, num
         from .._kernels import combine as kernel
 
         return kernel.combine(h_ND, weight_N, row_N, token_offsets(token_N, num_tokens, top_k), top_k or None)
+    if backend == "cuda":
+        from . import cuda_lib
+
+        return cuda_lib.combine(h_ND, weight_N, row_N, token_offsets(token_N, num_tokens, top_k))
     acc = accumulate_dtype(h_ND.dtype, weight_N.dtype)
     D = h_ND.shape[1]
     if top_k > 0:  # y[t] = w[t, :] @ h[rows of t]: one gather and a batched GEMV, no [N, D] product
@@ -44,6 +48,10 @@ def _combine_backward(grad_TD: Tensor, h_ND: Tensor, weight_N: Tensor, row_N: Te
         from .._kernels import combine as kernel
 
         return kernel.combine_backward(grad_TD, h_ND, weight_N, row_N, token_N)
+    if backend == "cuda":
+        from . import cuda_lib
+
+        return cuda_lib.combine_backward(grad_TD, h_ND, weight_N, row_N, token_N)
     # Work in expert-sorted order: one gather of dy serves both gradients, and d_h needs no scatter.
     acc = accumulate_dtype(h_ND.dtype, weight_N.dtype, grad_TD.dtype)
     N, D = h_ND.shape

@@ -18,6 +18,10 @@ def _permute(x_TD: Tensor, rows_N: Tensor, backend: str) -> Tensor:
         from .._kernels import permute as kernel
 
         return kernel.permute(x_TD, rows_N)
+    if backend == "cuda":
+        from . import cuda_lib
+
+        return cuda_lib.permute(x_TD, rows_N)
     return x_TD.index_select(0, rows_N)
 
 
@@ -28,11 +32,16 @@ def _(x_TD: Tensor, rows_N: Tensor, backend: str) -> Tensor:
 
 @torch.library.custom_op("moe_routing::permute_backward", mutates_args=())
 def _permute_backward(grad_ND: Tensor, rows_N: Tensor, num_tokens: int, backend: str) -> Tensor:
-    if backend == "triton":  # token-major unweighted combine: each token sums its rows, no atomics
+    if backend in ("triton", "cuda"):  # token-major unweighted combine: each token sums its rows, no atomics
+        rows_by_token = torch.sort(rows_N, stable=True).indices
+        offsets = token_offsets(rows_N, num_tokens)
+        if backend == "cuda":
+            from . import cuda_lib
+
+            return cuda_lib.combine(grad_ND, None, rows_by_token, offsets)
         from .._kernels import combine as kernel
 
-        rows_by_token = torch.sort(rows_N, stable=True).indices
-        return kernel.combine(grad_ND, None, rows_by_token, token_offsets(rows_N, num_tokens))
+        return kernel.combine(grad_ND, None, rows_by_token, offsets)
     acc = accumulate_dtype(grad_ND.dtype)
     out = torch.zeros(num_tokens, grad_ND.shape[1], dtype=acc, device=grad_ND.device)
     out.index_add_(0, rows_N, grad_ND.to(acc))

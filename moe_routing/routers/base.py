@@ -36,7 +36,8 @@ class Router(nn.Module, ABC):
         def keep_fp32(t: Tensor) -> Tensor:
             out = fn(t)
             if isinstance(out, Tensor) and t.is_floating_point() and out.dtype in _LOW_PRECISION:
-                out = out.to(torch.float32)
+                # from the original values: a round trip through bf16/fp16 would round the weights and bias
+                out = t.to(device=out.device, dtype=torch.float32)
             return out
 
         return super()._apply(keep_fp32, recurse)

@@ -1,0 +1,55 @@
+// moe_ops.h — C ABI of the CUDA C++ twins of the Triton dispatch kernels (kernels/permute.py, kernels/combine.py).
+//
+// Raw device pointers, sizes, a dtype code and a cudaStream_t; no torch headers. Every entry point launches on
+// `stream`, does not synchronize, and returns a cudaError_t as int (0 = cudaSuccess; cudaErrorInvalidValue for a
+// bad dtype code, negative size or missing required pointer; otherwise the launch error). Zero-sized work
+// returns 0 without launching. All tensors are dense row-major (contiguous); indices are int64 and must be in
+// range (the library does not check them: the caller validates on the host in debug mode).
+//
+// Data dtype codes (x, h, out, y, dy, d_h share it):  0 = float32, 1 = float16, 2 = bfloat16, 3 = float64.
+// Weights (weight, d_weight) are float32 for float32/float16/bfloat16 data and float64 for float64 data.
+// Accumulation is in float32 (float64 for float64 data).
+#ifndef MOE_OPS_H_
+#define MOE_OPS_H_
+
+#include <stdint.h>
+#include <cuda_runtime.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum moe_dtype { MOE_FP32 = 0, MOE_FP16 = 1, MOE_BF16 = 2, MOE_FP64 = 3 };
+
+#if defined(_WIN32)
+#define MOE_API __declspec(dllexport)
+#else
+#define MOE_API __attribute__((visibility("default")))
+#endif
+
+// Gather rows: out[n, :] = x[rows[n], :] for n in [0, N).  x: [T, D], rows: [N], out: [N, D].
+MOE_API int moe_permute_fwd(const void* x, const int64_t* rows, void* out, int64_t N, int64_t D, int dtype,
+                            cudaStream_t stream);
+
+// Unpermute + combine, token-major and atomic-free (one block owns whole output rows, pairs summed in order,
+// so the result is deterministic):
+//   y[t, :] = sum_{p = token_offsets[t]}^{token_offsets[t+1]-1} weight[p] * h[row[p], :]     for t in [0, T)
+// h: [N, D]; weight: [N] or NULL (weight 1: permute's backward); row: [N]; token_offsets: [T+1] CSR offsets of
+// each token's pairs (pairs in token order); y: [T, D].
+MOE_API int moe_combine_fwd(const void* h, const void* weight, const int64_t* row, const int64_t* token_offsets,
+                            void* y, int64_t T, int64_t D, int dtype, cudaStream_t stream);
+
+// Backward of combine, one block per pair p in [0, N):
+//   d_h[row[p], :] = weight[p] * dy[token[p], :]            (weight NULL: weight 1)
+//   d_weight[p]    = <dy[token[p], :], h[row[p], :]>        (d_weight NULL: not computed)
+// dy: [T, D]; h, d_h: [N, D]; weight, row, token, d_weight: [N]. `row` must be a permutation for d_h to be
+// fully written.
+MOE_API int moe_combine_bwd(const void* dy, const void* h, const void* weight, const int64_t* row,
+                            const int64_t* token, void* d_h, void* d_weight, int64_t N, int64_t D, int dtype,
+                            cudaStream_t stream);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif
+
+#endif  // MOE_OPS_H_

@@ -1,0 +1,504 @@
+"""Balance losses and z-loss against independent per-token computations, and how their gradients reach the router.
+
+The expected values here are computed with explicit Python loops over tokens, sequences and experts in float64;
+they share no code with `moe_routing.losses`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+import moe_routing as mr
+from moe_routing import (GlobalBatchAuxLoss, MoELayer, RoutingContext, SequenceAuxLoss, SwitchAuxLoss, ZLoss,
+                         aux_losses, set_aux_loss_scale)
+
+D, F, E = 12, 8, 6
+
+
+def make_layer(losses, top_k=2, num_experts=E, hidden=D, seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    layer = MoELayer(hidden, F, num_experts, top_k, losses=losses, **kw)
+    with torch.no_grad():  # a router spread wide enough that top-k choices are unambiguous
+        layer.router.weight.normal_(0, 0.5)
+    return layer.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Independent reference: per-token loops in float64
+# --------------------------------------------------------------------------------------------------------------
+
+def ref_logits(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
+    W = layer.router.weight.detach().double()
+    return x_TD.detach().double() @ W.t()
+
+
+def ref_choices(scores_TE: torch.Tensor, k: int) -> list[list[int]]:
+    """Experts of each token: the k largest scores, by sorting a Python list."""
+    out = []
+    for row in scores_TE.tolist():
+        order = sorted(range(len(row)), key=lambda e: -row[e])
+        out.append(order[:k])
+    return out
+
+
+def ref_probs(logits_TE: torch.Tensor, score_func: str) -> list[list[float]]:
+    """Per-token probabilities: softmax, or sigmoid normalised to sum to one per token."""
+    rows = []
+    for row in logits_TE.tolist():
+        if score_func == "softmax":
+            m = max(row)
+            ex = [math.exp(v - m) for v in row]
+        else:
+            ex = [1.0 / (1.0 + math.exp(-v)) for v in row]
+        s = sum(ex)
+        rows.append([v / s for v in ex])
+    return rows
+
+
+def ref_switch_aux(probs: list[list[float]], choices: list[list[int]], k: int, num_experts: int) -> float:
+    """E * sum_i f_i * P_i with f_i = count_i / (T*k), P_i = mean_t p_ti, from one-hot rows."""
+    T = len(probs)
+    if T == 0:
+        return 0.0
+    f = [0.0] * num_experts
+    P = [0.0] * num_experts
+    for t in range(T):
+        onehot = [0.0] * num_experts
+        for e in choices[t]:
+            onehot[e] += 1.0
+        for i in range(num_experts):
+            f[i] += onehot[i] / (T * k)
+            P[i] += probs[t][i] / T
+    return num_experts * sum(f[i] * P[i] for i in range(num_experts))
+
+
+def ref_sequence_aux(probs, choices, k, num_experts, seq_of_token) -> float:
+    """Switch aux per sequence (on per-token-normalised scores), averaged over non-empty sequences."""
+    seqs: dict[int, list[int]] = {}
+    for t, s in enumerate(seq_of_token):
+        seqs.setdefault(s, []).append(t)
+    per_seq = [ref_switch_aux([probs[t] for t in toks], [choices[t] for t in toks], k, num_experts)
+               for _, toks in sorted(seqs.items())]
+    return sum(per_seq) / len(per_seq)
+
+
+def ref_z_loss(logits_TE: torch.Tensor) -> float:
+    vals = []
+    for row in logits_TE.tolist():
+        m = max(row)
+        lse = m + math.log(sum(math.exp(v - m) for v in row))
+        vals.append(lse * lse)
+    return sum(vals) / len(vals)
+
+
+def scalar(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def close(actual, expected, rtol=1e-10, atol=1e-12):
+    torch.testing.assert_close(actual.detach().double(), scalar(expected), rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Switch aux
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_switch_aux_matches_per_token_loop(top_k):
+    layer = make_layer([SwitchAuxLoss(0.37)], top_k=top_k, return_aux_loss=True)
+    torch.manual_seed(1)
+    x = torch.randn(4, 7, D, dtype=torch.float64)
+    y, aux = layer(x)
+    assert y.shape == x.shape
+    logits = ref_logits(layer, x.reshape(-1, D))
+    probs = ref_probs(logits, "softmax")
+    choices = ref_choices(logits, top_k)
+    expected = 0.37 * ref_switch_aux(probs, choices, top_k, E)
+    close(aux, expected)
+    close(aux_losses(layer)[""]["switch_aux"], expected)
+
+
+def test_switch_aux_sigmoid_scores_are_normalised_per_token():
+    layer = make_layer([SwitchAuxLoss(1.0)], router_kwargs={"score_func": "sigmoid"}, return_aux_loss=True)
+    torch.manual_seed(2)
+    x = torch.randn(20, D, dtype=torch.float64)
+    _, aux = layer(x)
+    logits = ref_logits(layer, x)
+    expected = ref_switch_aux(ref_probs(logits, "sigmoid"), ref_choices(logits, 2), 2, E)
+    close(aux, expected)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_switch_aux_equals_coeff_at_perfect_balance(top_k):
+    # Router = scaled identity; token t is 3*e_i + 1*e_{i+1} (i = t mod E): it picks expert i (and i+1 for k=2),
+    # so every expert receives exactly T*k/E pairs. With f_i = 1/E the loss is E * sum_i P_i / E = 1.
+    layer = MoELayer(E, F, E, top_k, losses=[SwitchAuxLoss(0.25)], return_aux_loss=True).double()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(E, dtype=torch.float64) * 2.0)
+    T = 5 * E
+    x = torch.zeros(T, E, dtype=torch.float64)
+    for t in range(T):
+        x[t, t % E] = 3.0
+        x[t, (t + 1) % E] = 1.0
+    _, aux = layer(x)
+    counts = torch.bincount(torch.tensor(ref_choices(ref_logits(layer, x), top_k)).reshape(-1), minlength=E)
+    assert counts.tolist() == [T * top_k // E] * E
+    close(aux, 0.25)
+    # skewed routing (all tokens prefer expert 0) is penalised: well above coeff
+    x_skew = x.clone()
+    x_skew[:, 0] += 10.0
+    _, aux_skew = layer(x_skew)
+    assert aux_skew.item() > 0.25 * 1.5
+
+
+def test_switch_aux_layer_without_losses_returns_zero():
+    layer = make_layer([], return_aux_loss=True)
+    y, aux = layer(torch.randn(5, D, dtype=torch.float64))
+    assert aux.item() == 0.0 and not aux.requires_grad
+    assert aux_losses(layer) == {"": {}}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sequence aux (DeepSeek-V3)
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_sequence_aux_bsd_input(score_func):
+    layer = make_layer([SequenceAuxLoss(0.5)], router_kwargs={"score_func": score_func}, return_aux_loss=True)
+    torch.manual_seed(3)
+    B, S = 3, 5
+    x = torch.randn(B, S, D, dtype=torch.float64)
+    _, aux = layer(x)
+    logits = ref_logits(layer, x.reshape(-1, D))
+    probs = ref_probs(logits, score_func)
+    choices = ref_choices(logits if score_func == "softmax" else logits, 2)  # sigmoid is monotone: same order
+    seq = [t // S for t in range(B * S)]
+    expected = 0.5 * ref_sequence_aux(probs, choices, 2, E, seq)
+    close(aux, expected)
+    # the per-sequence loss differs from the batch-level one (it is not a rename of switch aux)
+    batch_level = 0.5 * ref_switch_aux(probs, choices, 2, E)
+    assert abs(expected - batch_level) > 1e-4
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_sequence_aux_packed_input_with_seq_lens(score_func):
+    layer = make_layer([SequenceAuxLoss(1.0)], router_kwargs={"score_func": score_func}, return_aux_loss=True)
+    torch.manual_seed(4)
+    lens = [3, 6, 1, 4]
+    x = torch.randn(sum(lens), D, dtype=torch.float64)
+    _, aux = layer(x, RoutingContext(seq_lens=torch.tensor(lens)))
+    logits = ref_logits(layer, x)
+    seq = [s for s, n in enumerate(lens) for _ in range(n)]
+    expected = ref_sequence_aux(ref_probs(logits, score_func), ref_choices(logits, 2), 2, E, seq)
+    close(aux, expected)
+    # without seq_lens a [T, D] input is one sequence: the batch-level value
+    _, aux_one = layer(x)
+    close(aux_one, ref_switch_aux(ref_probs(logits, score_func), ref_choices(logits, 2), 2, E))
+    assert abs(aux.item() - aux_one.item()) > 1e-4
+
+
+def test_sequence_aux_bsd_equals_packed_equal_lengths():
+    layer = make_layer([SequenceAuxLoss(1.0)], return_aux_loss=True)
+    torch.manual_seed(5)
+    x = torch.randn(4, 6, D, dtype=torch.float64)
+    _, aux_bsd = layer(x)
+    _, aux_packed = layer(x.reshape(-1, D), RoutingContext(seq_lens=[6, 6, 6, 6]))
+    torch.testing.assert_close(aux_bsd, aux_packed, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# z-loss
+# --------------------------------------------------------------------------------------------------------------
+
+def test_z_loss_matches_logsumexp_squared():
+    layer = make_layer([ZLoss(1e-2)], return_aux_loss=True)
+    torch.manual_seed(6)
+    x = 3 * torch.randn(2, 9, D, dtype=torch.float64)
+    _, aux = layer(x)
+    expected = 1e-2 * ref_z_loss(ref_logits(layer, x.reshape(-1, D)))
+    close(aux, expected)
+    assert expected > 1e-3  # the check is not vacuous
+
+
+def test_several_losses_sum_and_are_logged_separately():
+    losses = [SwitchAuxLoss(0.1), ZLoss(0.01), SequenceAuxLoss(0.2)]
+    layer = make_layer(losses, return_aux_loss=True)
+    torch.manual_seed(7)
+    x = torch.randn(2, 8, D, dtype=torch.float64)
+    _, aux = layer(x)
+    logits = ref_logits(layer, x.reshape(-1, D))
+    probs, choices = ref_probs(logits, "softmax"), ref_choices(logits, 2)
+    expected = {"switch_aux": 0.1 * ref_switch_aux(probs, choices, 2, E),
+                "z_loss": 0.01 * ref_z_loss(logits),
+                "seq_aux": 0.2 * ref_sequence_aux(probs, choices, 2, E, [t // 8 for t in range(16)])}
+    logged = aux_losses(layer)[""]
+    assert set(logged) == set(expected)
+    for name, value in expected.items():
+        close(logged[name], value)
+        assert not logged[name].requires_grad
+    close(aux, sum(expected.values()))
+    close(mr.total_aux_loss(layer), sum(expected.values()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Padding
+# --------------------------------------------------------------------------------------------------------------
+
+def test_padding_mask_excludes_tokens_from_every_loss():
+    losses = [SwitchAuxLoss(1.0), ZLoss(1.0), SequenceAuxLoss(1.0)]
+    layer = make_layer(losses, return_aux_loss=True)
+    torch.manual_seed(8)
+    B, S = 3, 6
+    x = torch.randn(B, S, D, dtype=torch.float64)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[0, 4:] = True
+    pad[1, 1:] = True
+    pad[2, 0] = True
+    # padded positions hold huge values: if they leaked into any loss, it would show
+    x = x.masked_fill(pad[..., None], 50.0)
+    _, aux = layer(x, RoutingContext(padding_mask=pad))
+    logged = dict(aux_losses(layer)[""])
+
+    valid = (~pad).reshape(-1)
+    xv = x.reshape(-1, D)[valid]
+    logits = ref_logits(layer, xv)
+    probs, choices = ref_probs(logits, "softmax"), ref_choices(logits, 2)
+    seq = [t // S for t in range(B * S) if valid[t]]
+    expected = {"switch_aux": ref_switch_aux(probs, choices, 2, E), "z_loss": ref_z_loss(logits),
+                "seq_aux": ref_sequence_aux(probs, choices, 2, E, seq)}
+    for name, value in expected.items():
+        close(logged[name], value)
+    close(aux, sum(expected.values()))
+    # the same as running the valid tokens alone, packed with their sequence lengths
+    _, aux_packed = layer(xv, RoutingContext(seq_lens=(~pad).sum(1)))
+    torch.testing.assert_close(aux, aux_packed, rtol=1e-12, atol=1e-14)
+
+
+def test_padding_drops_a_fully_padded_sequence_from_sequence_aux():
+    layer = make_layer([SequenceAuxLoss(1.0)], return_aux_loss=True)
+    torch.manual_seed(9)
+    x = torch.randn(3, 4, D, dtype=torch.float64)
+    pad = torch.zeros(3, 4, dtype=torch.bool)
+    pad[1] = True  # an all-padding sequence neither counts nor dilutes the average
+    _, aux = layer(x, RoutingContext(padding_mask=pad))
+    _, aux_two = layer(x[[0, 2]])
+    torch.testing.assert_close(aux, aux_two, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Global-batch aux
+# --------------------------------------------------------------------------------------------------------------
+
+def test_global_batch_aux_equals_switch_aux_without_distributed():
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    torch.manual_seed(10)
+    x = torch.randn(30, D, dtype=torch.float64)
+    g = make_layer([GlobalBatchAuxLoss(0.3)], return_aux_loss=True)
+    s = make_layer([SwitchAuxLoss(0.3)], return_aux_loss=True)
+    _, aux_g = g(x)
+    _, aux_s = s(x)
+    torch.testing.assert_close(aux_g, aux_s, rtol=0, atol=0)
+    logits = ref_logits(g, x)
+    close(aux_g, 0.3 * ref_switch_aux(ref_probs(logits, "softmax"), ref_choices(logits, 2), 2, E))
+    # gradients are identical too
+    gg = torch.autograd.grad(aux_g, g.router.weight)[0]
+    gs = torch.autograd.grad(aux_s, s.router.weight)[0]
+    torch.testing.assert_close(gg, gs, rtol=0, atol=0)
+
+
+def _global_aux_worker(rank: int, world: int, init_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        layer = make_layer([GlobalBatchAuxLoss(1.0)], return_aux_loss=True, seed=0)
+        # each rank can rebuild every rank's micro-batch: rank r's data is seeded with 100 + r
+        xs = []
+        for r in range(world):
+            torch.manual_seed(100 + r)
+            n = 8 + 5 * r  # ranks hold different token counts
+            x = torch.randn(n, D, dtype=torch.float64)
+            if r == 1:
+                x[:, :] += layer.router.weight[0].detach()  # rank 1 prefers expert 0: global counts differ
+            xs.append(x)
+        _, aux = layer(xs[rank])
+        # expected: counts and T summed over ranks, P from this rank's tokens only
+        counts = [0.0] * E
+        total_T = 0
+        for x in xs:
+            for row in ref_choices(ref_logits(layer, x), 2):
+                for e in row:
+                    counts[e] += 1
+            total_T += x.shape[0]
+        probs = ref_probs(ref_logits(layer, xs[rank]), "softmax")
+        P = [sum(p[i] for p in probs) / len(probs) for i in range(E)]
+        expected = E * sum(counts[i] / (total_T * 2) * P[i] for i in range(E))
+        local = ref_switch_aux(probs, ref_choices(ref_logits(layer, xs[rank]), 2), 2, E)
+        torch.testing.assert_close(aux.detach(), scalar(expected), rtol=1e-10, atol=1e-12)
+        assert abs(expected - local) > 1e-3, (expected, local)  # differs from the local-only value
+        aux.backward()  # gradients stay local (no collective in backward)
+        assert layer.router.weight.grad.abs().sum() > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_aux_sums_counts_over_two_gloo_ranks():
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed unavailable")
+    import torch.multiprocessing as tmp
+
+    with tempfile.TemporaryDirectory() as d:
+        init_file = os.path.join(d, "init")
+        tmp.spawn(_global_aux_worker, args=(2, init_file), nprocs=2, join=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gradient injection, scale, accumulation
+# --------------------------------------------------------------------------------------------------------------
+
+def test_aux_loss_gradient_reaches_router_weight():
+    layer = make_layer([SwitchAuxLoss(1.0)])
+    torch.manual_seed(11)
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    y = layer(x)
+    (y * 0).sum().backward()
+    injected = layer.router.weight.grad.clone()
+    assert injected.abs().max() > 1e-4
+    # the main path carried zero gradient: the experts get none, the router only the aux term
+    assert layer.experts.w_up.grad.abs().max() == 0
+
+    layer.zero_grad()
+    layer.return_aux_loss = True
+    y2, aux = layer(x)
+    torch.testing.assert_close(y2, y.detach(), rtol=0, atol=0)
+    (direct,) = torch.autograd.grad(aux, layer.router.weight)
+    torch.testing.assert_close(injected, direct, rtol=1e-12, atol=1e-15)
+
+
+def test_aux_loss_injection_leaves_main_gradient_unchanged():
+    torch.manual_seed(12)
+    x = torch.randn(10, D, dtype=torch.float64)
+    with_aux = make_layer([SwitchAuxLoss(1.0)])
+    without = make_layer([])
+    (with_aux(x) ** 2).sum().backward()
+    (without(x) ** 2).sum().backward()
+    for name in ("experts.w_gate", "experts.w_up", "experts.w_down"):
+        torch.testing.assert_close(with_aux.get_parameter(name).grad, without.get_parameter(name).grad,
+                                   rtol=1e-12, atol=1e-14)
+    with_aux.return_aux_loss = True
+    _, aux = with_aux(x)
+    (g_aux,) = torch.autograd.grad(aux, with_aux.router.weight)
+    torch.testing.assert_close(with_aux.router.weight.grad, without.router.weight.grad + g_aux,
+                               rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("scale", [0.25, 3.0, 0.0])
+def test_set_aux_loss_scale_scales_injected_gradient(scale):
+    model = nn.Sequential(make_layer([SwitchAuxLoss(1.0), ZLoss(0.1)]), make_layer([SwitchAuxLoss(1.0)], seed=1))
+    torch.manual_seed(13)
+    x = torch.randn(12, D, dtype=torch.float64)
+    (model(x) * 0).sum().backward()
+    base = [model[i].router.weight.grad.clone() for i in range(2)]
+    assert all(g.abs().max() > 1e-4 for g in base)
+    model.zero_grad()
+    set_aux_loss_scale(model, scale)
+    assert all(m.aux_loss_scale == scale for m in model)
+    (model(x) * 0).sum().backward()
+    for i in range(2):
+        torch.testing.assert_close(model[i].router.weight.grad, scale * base[i], rtol=1e-12, atol=0)
+
+
+def test_set_aux_loss_scale_rejects_non_number():
+    with pytest.raises(TypeError, match="scale"):
+        set_aux_loss_scale(make_layer([]), "0.5")
+
+
+class _Model(nn.Module):
+    def __init__(self, losses):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(D, D, dtype=torch.float64)
+        self.moe = make_layer(losses, seed=1)
+        self.head = nn.Linear(D, 1, dtype=torch.float64)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.head(h + self.moe(h))
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("identical", [False, True])
+def test_gradient_accumulation_matches_one_big_batch(identical):
+    N, T = 4, 6
+    torch.manual_seed(14)
+    if identical:  # switch aux is not linear in tokens: micro-batches must be copies for equality
+        losses = [SwitchAuxLoss(0.5), ZLoss(1e-2)]
+        micro = [torch.randn(T, D, dtype=torch.float64)] * N
+    else:  # z-loss is a mean over tokens: linear, any equal-size micro-batches
+        losses = [ZLoss(1e-2)]
+        micro = [torch.randn(T, D, dtype=torch.float64) for _ in range(N)]
+    targets = [torch.randn(T, 1, dtype=torch.float64) for _ in range(N)]
+
+    big = _Model(losses)
+    nn.functional.mse_loss(big(torch.cat(micro)), torch.cat(targets)).backward()
+    g_big = _grads(big)
+
+    acc = _Model(losses)
+    set_aux_loss_scale(acc, 1.0 / N)
+    for x, t in zip(micro, targets):
+        (nn.functional.mse_loss(acc(x), t) / N).backward()
+    g_acc = _grads(acc)
+    for name in g_big:
+        torch.testing.assert_close(g_acc[name], g_big[name], rtol=1e-10, atol=1e-13, msg=name)
+
+    # the aux term matters: accumulating without the 1/N scale gives a different router gradient
+    wrong = _Model(losses)
+    for x, t in zip(micro, targets):
+        (nn.functional.mse_loss(wrong(x), t) / N).backward()
+    diff = (wrong.moe.router.weight.grad - g_big["moe.router.weight"]).abs().max()
+    assert diff > 1e-6
+
+
+def test_aux_losses_per_layer_detached_and_return_mode():
+    model = nn.ModuleDict({"a": make_layer([SwitchAuxLoss(0.1)]), "b": make_layer([ZLoss(0.2)], seed=3)})
+    torch.manual_seed(15)
+    x = torch.randn(7, D, dtype=torch.float64)
+    ya = model["a"](x)
+    model["b"](ya)
+    vals = aux_losses(model)
+    assert set(vals) == {"a", "b"}
+    assert set(vals["a"]) == {"switch_aux"} and set(vals["b"]) == {"z_loss"}
+    assert not vals["a"]["switch_aux"].requires_grad and not vals["b"]["z_loss"].requires_grad
+    la = ref_logits(model["a"], x)
+    close(vals["a"]["switch_aux"], 0.1 * ref_switch_aux(ref_probs(la, "softmax"), ref_choices(la, 2), 2, E))
+    close(vals["b"]["z_loss"], 0.2 * ref_z_loss(ref_logits(model["b"], ya)))
+    # return mode: (y, aux) with aux differentiable and y equal to the injecting mode's output
+    model["a"].return_aux_loss = True
+    y, aux = model["a"](x)
+    assert isinstance(aux, torch.Tensor) and aux.dim() == 0 and aux.requires_grad
+    torch.testing.assert_close(y, ya.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(aux.detach(), vals["a"]["switch_aux"], rtol=0, atol=0)
+    # in return mode nothing is injected: y's backward gives the router only the main-path gradient
+    (y * 0).sum().backward()
+    assert model["a"].router.weight.grad.abs().max() == 0
+
+
+def test_default_losses_per_router():
+    soft = MoELayer(D, F, E, 2)
+    sig = MoELayer(D, F, E, 2, router_kwargs={"score_func": "sigmoid"})
+    assert [type(l) for l in soft.losses] == [SwitchAuxLoss] and soft.losses[0].coeff == 1e-2
+    assert [type(l) for l in sig.losses] == [SequenceAuxLoss] and sig.losses[0].coeff == 1e-4
+
+
+def test_loss_coeff_must_be_non_negative():
+    for cls in (SwitchAuxLoss, SequenceAuxLoss, ZLoss, GlobalBatchAuxLoss):
+        with pytest.raises(ValueError, match="coeff"):
+            cls(-1.0)
