@@ -373,3 +373,11 @@ def test_layer_with_unavailable_triton_backend_raises_before_compute(monkeypatch
     with pytest.raises(ValueError, match="triton backend is unavailable"):
         layer(torch.randn(3, 8))
     assert layer.last_stats == {}  # nothing ran
+
+
+def test_expert_capacity_is_exact_for_decimal_factors():
+    from moe_routing.ops import expert_capacity
+
+    assert expert_capacity(1.1, 100, 1, 10) == 11  # float arithmetic gives 11.000000000000002 -> 12
+    assert expert_capacity(1.0, 7, 2, 4) == 4
+    assert expert_capacity(1.25, 10, 2, 8) == 4

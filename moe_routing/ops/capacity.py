@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -14,7 +15,8 @@ def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_exp
     """``ceil(capacity_factor * T * k / E)``; T counts non-padding tokens."""
     if not capacity_factor > 0:
         raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor!r}")
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    # exact decimal arithmetic: in floats 1.1 * 100 / 10 is 11.000000000000002 and would round up to 12
+    return math.ceil(Fraction(str(capacity_factor)) * num_tokens * top_k / num_experts)
 
 
 def capacity_keep_mask(expert_N: Tensor, weight_N: Tensor, num_experts: int, capacity: int,
