@@ -28,6 +28,27 @@ def check_index(name: str, idx: torch.Tensor, upper: int) -> None:
         raise ValueError(f"{name} has values in [{lo}, {hi}], outside [0, {upper})")
 
 
-def block_d(D: int) -> int:
-    """Feature block: whole rows up to 1024 columns (few program instances under the interpreter)."""
-    return min(1024, max(16, 1 << (D - 1).bit_length()))
+class _FirstConfig:
+    """Launcher that applies the first autotune config: ``@triton.autotune`` fails under the interpreter
+    ("0 active drivers"), and there is nothing to tune on a CPU anyway."""
+
+    def __init__(self, kernel, config) -> None:
+        self.kernel, self.config = kernel, config
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            meta = dict(self.config.kwargs)
+            g = grid(meta) if callable(grid) else grid
+            return self.kernel[g](*args, **kwargs, **meta, num_warps=self.config.num_warps)
+        return launch
+
+
+def autotune(configs: list, key: list[str]):
+    """``triton.autotune(configs, key)`` on a GPU; the first config under ``TRITON_INTERPRET=1``."""
+    import triton
+
+    def wrap(kernel):
+        if interpreting():
+            return _FirstConfig(kernel, configs[0])
+        return triton.autotune(configs=configs, key=key)(kernel)
+    return wrap

@@ -13,9 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc_dtype, block_d, check_index
+from ._launch import acc_dtype, autotune, check_index
 
 
+def _configs(rows: str) -> list:
+    """Tokens (or pairs) per program x feature block; the first one is what the interpreter runs."""
+    return [triton.Config({rows: n, "BLOCK_D": d}, num_warps=w)
+            for n, d, w in ((16, 1024, 4), (4, 1024, 4), (8, 512, 4), (32, 256, 8), (1, 2048, 8))]
+
+
+@autotune(_configs("BLOCK_T"), key=["D", "max_pairs", "HAS_W"])
 @triton.jit
 def _combine_kernel(h_ptr, w_ptr, row_ptr, offs_ptr, y_ptr, T, D, max_pairs,
                     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -41,6 +48,7 @@ def _combine_kernel(h_ptr, w_ptr, row_ptr, offs_ptr, y_ptr, T, D, max_pairs,
         tl.store(y_ptr + t.to(tl.int64)[:, None] * D + d[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+@autotune(_configs("BLOCK_N"), key=["D"])
 @triton.jit
 def _combine_backward_kernel(dy_ptr, h_ptr, w_ptr, row_ptr, tok_ptr, dh_ptr, dw_ptr, N, D,
                              ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -79,11 +87,10 @@ def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_N: torch.T
     if T == 0 or D == 0:
         return y
     dtypes = (h_ND.dtype,) if weight_N is None else (h_ND.dtype, weight_N.dtype)
-    BLOCK_T = 16
-    _combine_kernel[(triton.cdiv(T, BLOCK_T),)](
-        h_ND, h_ND if weight_N is None else weight_N.contiguous(), row_N.contiguous(),
-        token_offsets_T1.contiguous(), y, T, D, max_pairs, HAS_W=weight_N is not None, ACC=acc_dtype(*dtypes),
-        BLOCK_T=BLOCK_T, BLOCK_D=block_d(D))
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)  # noqa: E731
+    _combine_kernel[grid](h_ND, h_ND if weight_N is None else weight_N.contiguous(), row_N.contiguous(),
+                          token_offsets_T1.contiguous(), y, T, D, max_pairs, HAS_W=weight_N is not None,
+                          ACC=acc_dtype(*dtypes))
     return y
 
 
@@ -98,8 +105,7 @@ def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.
     d_w = torch.empty_like(weight_N)
     if N == 0:
         return d_h, d_w
-    BLOCK_N = 16
-    _combine_backward_kernel[(triton.cdiv(N, BLOCK_N),)](
-        grad_TD, h_ND, weight_N.contiguous(), row_N.contiguous(), token_N.contiguous(), d_h, d_w, N, D,
-        ACC=acc_dtype(h_ND.dtype, weight_N.dtype, grad_TD.dtype), BLOCK_N=BLOCK_N, BLOCK_D=block_d(D))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _combine_backward_kernel[grid](grad_TD, h_ND, weight_N.contiguous(), row_N.contiguous(), token_N.contiguous(),
+                                   d_h, d_w, N, D, ACC=acc_dtype(h_ND.dtype, weight_N.dtype, grad_TD.dtype))
     return d_h, d_w

@@ -5,9 +5,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_d, check_index
+from ._launch import autotune, check_index
 
 
+def _configs() -> list:
+    """Rows per program x feature block; the first one is what the interpreter runs."""
+    return [triton.Config({"BLOCK_N": n, "BLOCK_D": d}, num_warps=w)
+            for n, d, w in ((16, 1024, 4), (4, 1024, 4), (8, 512, 4), (32, 256, 8), (1, 2048, 8))]
+
+
+@autotune(_configs(), key=["D"])
 @triton.jit
 def _gather_rows_kernel(x_ptr, rows_ptr, out_ptr, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -28,7 +35,6 @@ def permute(x_TD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
     out = x_TD.new_empty(N, D)
     if N == 0 or D == 0:
         return out
-    BLOCK_N = 16
-    _gather_rows_kernel[(triton.cdiv(N, BLOCK_N),)](x_TD, rows_N.contiguous(), out, N, D,
-                                                    BLOCK_N=BLOCK_N, BLOCK_D=block_d(D))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _gather_rows_kernel[grid](x_TD, rows_N.contiguous(), out, N, D)
     return out
