@@ -26,10 +26,14 @@ def step(model: nn.Module, group=None) -> None:
     Call it after ``optimizer.step()``. Controllers use the statistics accumulated over the micro-batches
     since the last call, all-reduced over ``group`` (data parallel) when `torch.distributed` is initialised.
     """
+    joint: dict[type, list] = {}  # controllers that pool statistics over layers (ReLU sparsity)
     for module in model.modules():
-        hook = getattr(module, "moe_step", None)
-        if callable(hook):
-            hook(group)
+        if callable(getattr(type(module), "moe_step_all", None)):
+            joint.setdefault(type(module), []).append(module)
+        elif callable(getattr(module, "moe_step", None)):
+            module.moe_step(group)
+    for cls, modules in joint.items():
+        cls.moe_step_all(modules, group)
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
