@@ -215,7 +215,7 @@ cudaError_t launch_bwd(const void* dy, const void* h, const void* weight, const 
 
 extern "C" int moe_combine_fwd(const void* h, const void* weight, const int64_t* row, const int64_t* token_offsets,
                                void* y, int64_t T, int64_t D, int dtype, cudaStream_t stream) {
-  if (T < 0 || D < 0) return int(cudaErrorInvalidValue);
+  if (T < 0 || D < 0 || dtype < MOE_FP32 || dtype > MOE_FP64) return int(cudaErrorInvalidValue);
   if (T == 0 || D == 0) return int(cudaSuccess);
   if (y == nullptr || token_offsets == nullptr) return int(cudaErrorInvalidValue);
   // h and row may be null only when no token has pairs; the kernel never reads them then.

@@ -16,16 +16,47 @@ def acc_dtype(*dtypes: torch.dtype):
     return tl.float64 if torch.float64 in dtypes else tl.float32
 
 
-def check_index(name: str, idx: torch.Tensor, upper: int) -> None:
-    """Raise before launch if ``idx`` has values outside [0, upper): an out-of-range read under the
-    interpreter crashes the process and on a GPU reads garbage. Syncs, so on GPUs only in debug mode."""
-    if idx.numel() == 0:
-        return
-    if idx.is_cuda and os.environ.get("MOE_ROUTING_DEBUG") != "1":
+def _check_values(t: torch.Tensor) -> bool:
+    """Value checks sync with the device: always on CPU (interpreter), on GPUs only with MOE_ROUTING_DEBUG=1."""
+    return not t.is_cuda or os.environ.get("MOE_ROUTING_DEBUG") == "1"
+
+
+def check_index(name: str, idx: torch.Tensor, upper: int, length: int | None = None) -> None:
+    """Raise before launch if ``idx`` is not a 1-D int32/int64 tensor (of ``length`` entries when given) or
+    has values outside [0, upper): an out-of-range read under the interpreter crashes the process and on a GPU
+    reads garbage. The shape check is free; the value check syncs, so on GPUs it runs only in debug mode."""
+    if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+    if length is not None and idx.numel() != length:
+        raise ValueError(f"{name} must have {length} entries, got {idx.numel()}")
+    if idx.numel() == 0 or not _check_values(idx):
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= upper:
         raise ValueError(f"{name} has values in [{lo}, {hi}], outside [0, {upper})")
+
+
+def check_offsets(name: str, offsets: torch.Tensor, total: int) -> None:
+    """Raise unless ``offsets`` [T+1] (int32/int64) is non-decreasing within [0, total]: the CSR ranges
+    ``offsets[t] .. offsets[t+1]-1`` then index only valid pairs."""
+    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor of T+1 >= 1 entries, "
+                         f"got {offsets.dtype} {tuple(offsets.shape)}")
+    if not _check_values(offsets):
+        return
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    if lo < 0 or hi > total or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing within [0, {total}] (the number of pairs), "
+                         f"got first {lo}, last {hi}")
+
+
+def check_rows(name: str, t: torch.Tensor, cols: int | None = None, rows: int | None = None) -> None:
+    """Raise unless ``t`` is a 2-D floating tensor (with ``rows`` rows / ``cols`` columns when given)."""
+    if t.dim() != 2 or not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a 2-D floating tensor, got {t.dtype} {tuple(t.shape)}")
+    if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
+        want = f"[{'*' if rows is None else rows}, {'*' if cols is None else cols}]"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
 
 
 class _FirstConfig:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc_dtype, autotune, check_index
+from ._launch import _check_values, acc_dtype, autotune, check_index, check_offsets, check_rows
 
 
 def _configs(rows: str) -> list:
@@ -73,16 +73,25 @@ def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_N: torch.T
             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``y[t] = sum_{p in offsets[t]:offsets[t+1]} w[p] * h_ND[row_N[p]]`` (w = 1 when ``weight_N`` is None).
 
-    ``max_pairs``: the most pairs any token has (K for fixed-k); computed (a host sync) when None.
+    ``max_pairs``: the most pairs any token has (K for fixed-k); computed (a host sync) when None, and checked
+    against ``token_offsets_T1`` wherever indices are validated (CPU, or ``MOE_ROUTING_DEBUG=1`` on GPU).
+    Indices (``row_N``, ``token_offsets_T1``) may be int32 or int64; accumulation is float32 (float64 when
+    ``h_ND`` or ``weight_N`` is float64); the result is ``out_dtype`` (default ``h_ND.dtype``).
     """
+    check_rows("h_ND", h_ND)
     h_ND = h_ND.contiguous()
     N, D = h_ND.shape
     T = token_offsets_T1.numel() - 1
-    if row_N.shape != (N,) or (weight_N is not None and weight_N.shape != (N,)):
-        raise ValueError(f"row_N and weight_N must have shape [{N}] (rows of h_ND)")
-    check_index("row_N", row_N, N)
-    if max_pairs is None:
-        max_pairs = int((token_offsets_T1[1:] - token_offsets_T1[:-1]).max()) if T > 0 else 0
+    if weight_N is not None and (weight_N.shape != (N,) or not weight_N.dtype.is_floating_point):
+        raise ValueError(f"weight_N must be a floating tensor of shape [{N}] (rows of h_ND), "
+                         f"got {weight_N.dtype} {tuple(weight_N.shape)}")
+    check_index("row_N", row_N, N, length=N)
+    check_offsets("token_offsets_T1", token_offsets_T1, N)
+    if max_pairs is None or _check_values(token_offsets_T1):
+        most = int((token_offsets_T1[1:] - token_offsets_T1[:-1]).max()) if T > 0 else 0
+        if max_pairs is not None and most > max_pairs:
+            raise ValueError(f"max_pairs={max_pairs} but a token has {most} pairs in token_offsets_T1")
+        max_pairs = most if max_pairs is None else max_pairs
     y = torch.empty(T, D, dtype=out_dtype or h_ND.dtype, device=h_ND.device)
     if T == 0 or D == 0:
         return y
@@ -97,10 +106,18 @@ def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_N: torch.T
 def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.Tensor, row_N: torch.Tensor,
                      token_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `combine` for expert outputs ``h_ND`` [N, D] and gate weights ``weight_N`` [N]."""
-    grad_TD, h_ND = grad_TD.contiguous(), h_ND.contiguous()
+    check_rows("h_ND", h_ND)
     N, D = h_ND.shape
-    check_index("row_N", row_N, N)
-    check_index("token_N", token_N, grad_TD.shape[0])
+    check_rows("grad_TD", grad_TD, cols=D)
+    if weight_N.shape != (N,) or not weight_N.dtype.is_floating_point:
+        raise ValueError(f"weight_N must be a floating tensor of shape [{N}] (rows of h_ND), "
+                         f"got {weight_N.dtype} {tuple(weight_N.shape)}")
+    check_index("row_N", row_N, N, length=N)
+    check_index("token_N", token_N, grad_TD.shape[0], length=N)
+    if _check_values(row_N) and N > 0 and int(torch.bincount(row_N, minlength=N).max()) > 1:
+        # d_h rows are written once each: a repeated row would race (GPU) and leave other rows unwritten.
+        raise ValueError("row_N must be a permutation of [0, N) (each expert-sorted row used once)")
+    grad_TD, h_ND = grad_TD.contiguous(), h_ND.contiguous()
     d_h = torch.empty_like(h_ND)
     d_w = torch.empty_like(weight_N)
     if N == 0:

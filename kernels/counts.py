@@ -46,6 +46,8 @@ def _scatter_order_kernel(expert_ptr, base_ptr, order_ptr, N, E, BLOCK_N: tl.con
 def sort_by_expert(expert_N: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as `moe_routing.ops.counts.sort_by_expert`: (order_N int64, counts_E int64,
     offsets_E int32 end offsets)."""
+    if int(num_experts) != num_experts or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     check_index("expert_N", expert_N, num_experts)
     N, E = expert_N.numel(), num_experts
     expert_N = expert_N.contiguous()

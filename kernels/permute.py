@@ -28,7 +28,9 @@ def _gather_rows_kernel(x_ptr, rows_ptr, out_ptr, N, D, BLOCK_N: tl.constexpr, B
 
 
 def permute(x_TD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
-    """``x_ND[n] = x_TD[rows_N[n]]`` for contiguous ``x_TD`` [T, D]."""
+    """``x_ND[n] = x_TD[rows_N[n]]`` for ``x_TD`` [T, D] (made contiguous) and int32/int64 ``rows_N`` [N]."""
+    if x_TD.dim() != 2:
+        raise ValueError(f"x_TD must be 2-D [T, D], got shape {tuple(x_TD.shape)}")
     check_index("rows_N", rows_N, x_TD.shape[0])
     x_TD = x_TD.contiguous()
     N, D = rows_N.numel(), x_TD.shape[1]

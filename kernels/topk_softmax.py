@@ -49,6 +49,8 @@ def topk_softmax(logits_TE: torch.Tensor, k: int, softmax_before_topk: bool = Fa
                  normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights_TK, experts_TK int64): top-k logits then softmax over them (default), or softmax over all E
     then the top-k probabilities (renormalised when ``normalize``)."""
+    if logits_TE.dim() != 2 or not logits_TE.dtype.is_floating_point:
+        raise ValueError(f"logits_TE must be a 2-D floating tensor, got {logits_TE.dtype} {tuple(logits_TE.shape)}")
     T, E = logits_TE.shape
     if not 1 <= k <= E:
         raise ValueError(f"k must be in [1, {E}], got {k}")

@@ -205,3 +205,42 @@ def test_report_skips_layers_without_stats():
     model.blocks[1].moe.track_stats = False
     model(torch.rand(2, 3, D) + 0.5)
     assert list(routing_report(model)) == ["blocks.0.moe"]
+
+
+@pytest.mark.parametrize("policy", ["weight", "position"])
+def test_capacity_drop_stats_per_policy(policy):
+    # every expert keeps min(count, cap) pairs whatever the policy; which pairs survive differs
+    torch.manual_seed(4)
+    layer = MoELayer(D, F, E, K, capacity_factor=0.75, drop_policy=policy, losses=[])
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.5)
+        layer.router.weight[0] += 0.4  # x > 0: expert 0 is over-subscribed
+    x = torch.rand(40, D)
+    layer(x)
+    stats = routing_report(layer)["<root>"]
+    with torch.no_grad():
+        d = layer.router(x)
+    counts = torch.bincount(d.expert_N, minlength=E)
+    cap = math.ceil(0.75 * 40 * K / E)
+    dropped = int((counts - counts.clamp(max=cap)).sum())
+    assert dropped > 0
+    assert stats["tokens_per_expert"] == counts.clamp(max=cap).tolist()
+    assert stats["dropped"] == dropped
+    torch.testing.assert_close(torch.tensor(stats["drop_rate"], dtype=torch.float64),
+                               torch.tensor(dropped / (40 * K), dtype=torch.float64), rtol=1e-12, atol=0)
+    # the output equals a loop over the kept pairs only (dropped pairs contribute nothing)
+    w = d.weights_TK.detach()
+    kept = [[] for _ in range(E)]
+    pairs = [(t, j) for t in range(40) for j in range(K)]
+    for e in range(E):
+        mine = [(t, j) for t, j in pairs if d.experts_TK[t, j] == e]
+        if policy == "weight":
+            mine = sorted(mine, key=lambda p: -w[p].item())  # stable: ties keep token order
+        kept[e] = mine[:cap]
+    ex = layer.experts
+    expected = torch.zeros(40, D)
+    for e in range(E):
+        for t, j in kept[e]:
+            h = (torch.nn.functional.silu(x[t] @ ex.w_gate[e]) * (x[t] @ ex.w_up[e])) @ ex.w_down[e]
+            expected[t] += w[t, j] * h.detach()
+    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-5, atol=1e-6)

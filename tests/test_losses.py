@@ -502,3 +502,55 @@ def test_loss_coeff_must_be_non_negative():
     for cls in (SwitchAuxLoss, SequenceAuxLoss, ZLoss, GlobalBatchAuxLoss):
         with pytest.raises(ValueError, match="coeff"):
             cls(-1.0)
+
+
+def test_gradient_accumulation_sequence_aux_sigmoid_bsd():
+    # sequence aux averages over sequences: with equally many sequences per micro-batch it is linear, so
+    # 4 micro-batches of 2 sequences (main loss / 4, aux scale 1/4) equal one batch of 8 sequences exactly
+    N, B, S = 4, 2, 5
+    losses = [SequenceAuxLoss(0.3), ZLoss(1e-2)]
+    torch.manual_seed(16)
+    micro = [torch.randn(B, S, D, dtype=torch.float64) for _ in range(N)]
+    targets = [torch.randn(B, S, 1, dtype=torch.float64) for _ in range(N)]
+
+    def model():
+        m = _Model(losses)
+        m.moe = make_layer(losses, seed=1, router_kwargs={"score_func": "sigmoid"})
+        return m
+
+    big = model()
+    nn.functional.mse_loss(big(torch.cat(micro)), torch.cat(targets)).backward()
+    acc = model()
+    set_aux_loss_scale(acc, 1.0 / N)
+    for x, t in zip(micro, targets):
+        (nn.functional.mse_loss(acc(x), t) / N).backward()
+    g_big, g_acc = _grads(big), _grads(acc)
+    for name in g_big:
+        torch.testing.assert_close(g_acc[name], g_big[name], rtol=1e-10, atol=1e-13, msg=name)
+    # the aux part of the router gradient is not negligible
+    plain = model()
+    for m_ in plain.moe.losses:
+        m_.coeff = 0.0
+    nn.functional.mse_loss(plain(torch.cat(micro)), torch.cat(targets)).backward()
+    assert (plain.moe.router.weight.grad - g_big["moe.router.weight"]).abs().max() > 1e-6
+
+
+def test_injected_aux_gradient_under_non_reentrant_checkpoint():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(17)
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    plain = make_layer([SwitchAuxLoss(0.5), ZLoss(0.1)])
+    ckpt = make_layer([SwitchAuxLoss(0.5), ZLoss(0.1)])
+    (plain(x) ** 2).sum().backward()
+    (checkpoint(ckpt, x, use_reentrant=False) ** 2).sum().backward()
+    for (name, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-14, msg=name)
+    # and the aux part is in there exactly once: subtracting autograd.grad of the returned aux leaves the
+    # router gradient of the main path alone
+    ref = make_layer([])
+    (ref(x) ** 2).sum().backward()
+    plain.return_aux_loss = True
+    _, aux = plain(x)
+    (g_aux,) = torch.autograd.grad(aux, plain.router.weight)
+    torch.testing.assert_close(ckpt.router.weight.grad, ref.router.weight.grad + g_aux, rtol=1e-10, atol=1e-13)

@@ -445,3 +445,43 @@ def test_small_bias_update_registers_in_bf16_cast_model():
     assert (r.expert_bias != 0.5).sum() == (load != load.mean()).sum() > 0
     # in bf16 the same update would vanish: 0.5 + 1e-3 rounds back to 0.5
     assert torch.tensor(0.5, dtype=torch.bfloat16) + torch.tensor(1e-3, dtype=torch.bfloat16) == 0.5
+
+
+def test_step_updates_each_layer_from_its_own_loads_and_checkpointed_micro_batches():
+    # two layers, two checkpointed micro-batches: each router's bias moves by its own summed loads
+    rate = 0.02
+    model = nn.Sequential(_moe(rate, seed=0), _moe(rate, seed=1))
+    xs = [torch.randn(10, D) + model[0].router.weight[2].detach() for _ in range(2)]
+    loads = [torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)]
+    for x in xs:
+        h = model[0](x).detach()  # the second layer's input, computed without touching statistics
+        loads[0] += torch.bincount(_choices(model[0], x).reshape(-1), minlength=E).double()
+        loads[1] += torch.bincount(_choices(model[1], h).reshape(-1), minlength=E).double()
+    for m in model:
+        m.router.load_accum.zero_()
+    for x in xs:
+        y = checkpoint(model, x.requires_grad_(), use_reentrant=False)
+        y.square().sum().backward()
+    for i in range(2):
+        torch.testing.assert_close(model[i].router.load_accum.double(), loads[i], rtol=0, atol=0)
+    mr.step(model)
+    for i in range(2):
+        expected = rate * torch.sign(loads[i].mean() - loads[i])
+        torch.testing.assert_close(model[i].router.expert_bias.double(), expected, rtol=0, atol=1e-9)
+    assert not torch.equal(model[0].router.expert_bias, model[1].router.expert_bias)
+
+
+def test_jitter_only_in_training():
+    plain = make_router(seed=3)
+    jit = make_router(seed=3, jitter_eps=0.3)
+    x = randx(T=64)
+    jit.eval()
+    d_eval = jit(x)
+    torch.testing.assert_close(d_eval.logits_TE, plain(x).logits_TE, rtol=0, atol=0)
+    jit.train()
+    torch.manual_seed(5)
+    d_train = jit(x)
+    assert (d_train.logits_TE - d_eval.logits_TE).abs().max() > 1e-3
+    # multiplicative noise within [1 - eps, 1 + eps]: logits move by at most eps * sum_j |x_j w_ej|
+    bound = 0.3 * (x.abs() @ jit.weight.detach().abs().t())
+    assert bool(((d_train.logits_TE - d_eval.logits_TE).abs() <= bound + 1e-12).all())

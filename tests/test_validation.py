@@ -41,6 +41,10 @@ class ComputeSpy:
     (dict(ffn_hidden_size=0), ValueError, "ffn_hidden_size"),
     (dict(capacity_factor=0.0), ValueError, "capacity_factor"),
     (dict(capacity_factor=-1.0), ValueError, "capacity_factor"),
+    (dict(capacity_factor=float("nan")), ValueError, "capacity_factor"),
+    (dict(capacity_factor=float("inf")), ValueError, "capacity_factor"),
+    (dict(capacity_factor="1.0"), TypeError, "capacity_factor"),
+    (dict(capacity_factor=True), TypeError, "capacity_factor"),
     (dict(activation="tanh"), ValueError, "activation"),
     (dict(router="hash-ish"), ValueError, "router"),
     (dict(backend="fortran"), ValueError, "backend"),
@@ -251,3 +255,18 @@ def test_dtype_mismatch_outside_autocast_names_dtypes():
     # a layer cast to the input dtype accepts it
     moe_bf16 = layer().to(torch.bfloat16)
     assert moe_bf16(torch.randn(3, D, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_bf16_autocast_output_tracks_fp32_for_bsd_and_td_shapes():
+    # the same tokens as [B, S, D] and as [T, D] give the same autocast output; both close to the fp32 layer
+    moe = layer(losses=[])
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, D)
+    ref = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bsd = moe(x)
+        y_td = moe(x.reshape(-1, D))
+    assert y_bsd.dtype == torch.float32 and y_td.dtype == torch.float32
+    torch.testing.assert_close(y_td.reshape(2, 5, D), y_bsd, rtol=0, atol=0)
+    torch.testing.assert_close(y_bsd, ref, rtol=5e-2, atol=3e-2 * ref.abs().max().item())
+

@@ -13,8 +13,10 @@ DROP_POLICIES = ("weight", "position")
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     """``ceil(capacity_factor * T * k / E)``; T counts non-padding tokens."""
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor!r}")
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(f"capacity_factor must be a number (or None for dropless), got {capacity_factor!r}")
+    if not 0 < capacity_factor < math.inf:
+        raise ValueError(f"capacity_factor must be > 0 and finite (or None for dropless), got {capacity_factor!r}")
     # exact decimal arithmetic: in floats 1.1 * 100 / 10 is 11.000000000000002 and would round up to 12
     return math.ceil(Fraction(str(capacity_factor)) * num_tokens * top_k / num_experts)
 
