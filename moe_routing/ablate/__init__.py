@@ -1,0 +1,1 @@
+"""Pretraining ablations: small MoE language models compared across routers (``moe-ablate``)."""
