@@ -1,8 +1,16 @@
 """Routers decide which experts each token uses; they never dispatch."""
 from .base import Router
+from .expert_choice import ExpertChoiceRouter
+from .hash import HashRouter
+from .hyper import HyperRouter
+from .recurrent import RecurrentRouter, RecurrentRouterGroup
 from .relu import ReLURouter
+from .sinkhorn import SinkhornRouter
 from .topk import TopKRouter
 
-ROUTERS = {"topk": TopKRouter, "relu": ReLURouter}
+# Routers a layer can build by name (the recurrent router needs its model-level group, so it is not here).
+ROUTERS = {"topk": TopKRouter, "relu": ReLURouter, "sinkhorn": SinkhornRouter, "expert_choice": ExpertChoiceRouter,
+           "hash": HashRouter, "hyper": HyperRouter}
 
-__all__ = ["Router", "TopKRouter", "ReLURouter", "ROUTERS"]
+__all__ = ["Router", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
+           "ExpertChoiceRouter", "HashRouter", "HyperRouter", "ROUTERS"]

@@ -1,0 +1,138 @@
+"""Hash router (Roller et al. 2021, "Hash Layers For Large Sparse Models"): token id -> experts by a fixed hash."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..decision import RoutingContext, RoutingDecision
+from .base import Router
+from .sinkhorn import forced_experts_TK
+
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B      # < 2**27, so a 32-bit value times it stays inside int64
+_GOLDEN = 0x9E3779B9
+_SALT_STEP = 0x632BE5AB
+
+
+def balanced_expert_map(vocab_size: int, num_experts: int, top_k: int, seed: int = 0) -> Tensor:
+    """A fixed random map token id -> ``top_k`` distinct experts, int64 [vocab_size, top_k].
+
+    Token ids are shuffled and dealt in blocks of E; within a block row r gets experts
+    ``sigma((rho(r) + tau_j) mod E)`` for j < K, with random permutations ``sigma`` (expert labels) and ``rho``
+    (rows) and K distinct random shifts ``tau``, all drawn afresh per block. Every column of a full block is a
+    permutation of the experts, so each expert serves exactly K ids per full block: over the whole vocabulary
+    the per-expert counts differ by at most K (by at most 1 for K = 1), and a token's K experts are distinct.
+    Deterministic given ``seed`` (a CPU generator).
+    """
+    E, K = num_experts, top_k
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = -(-vocab_size // E)
+    sigma = torch.rand(num_blocks, E, generator=g).argsort(1)
+    rho = torch.rand(num_blocks, E, generator=g).argsort(1)
+    tau = torch.rand(num_blocks, E, generator=g).argsort(1)[:, :K]
+    pos = (rho[:, :, None] + tau[:, None, :]) % E                       # [blocks, E rows, K]
+    rows = sigma.gather(1, pos.reshape(num_blocks, E * K)).reshape(num_blocks * E, K)[:vocab_size]
+    expert_map = torch.empty_like(rows)
+    expert_map[torch.randperm(vocab_size, generator=g)] = rows
+    return expert_map
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """32-bit multiply-xorshift integer hash of int64 values in [0, 2**32)."""
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    return (x >> 16) ^ x
+
+
+def hash_experts(token_ids_T: Tensor, num_experts: int, top_k: int, seed: int = 0) -> Tensor:
+    """``top_k`` distinct experts per token id from a seeded integer hash, int64 [T, K] (no table needed).
+
+    Choice j hashes ``(id mod 2**32) xor salt_j`` (``salt_j = ((seed+1) * 0x9E3779B9 + j * 0x632BE5AB) mod 2**32``)
+    with `_mix32` to h, takes ``r = floor(h * (E - j) / 2**32)`` and picks the r-th (0-based, increasing id) expert
+    not already chosen for the token. Uniform over experts for well-spread ids; balance is statistical, not exact.
+    """
+    E, T = num_experts, token_ids_T.shape[0]
+    v = token_ids_T.long() & _MASK32
+    taken_TE = torch.zeros(T, E, dtype=torch.bool, device=v.device)
+    rows = torch.arange(T, device=v.device)
+    out = []
+    for j in range(top_k):
+        salt = ((seed + 1) * _GOLDEN + j * _SALT_STEP) & _MASK32
+        r_T = (_mix32(v ^ salt) * (E - j)) >> 32
+        free_TE = ~taken_TE
+        rank_TE = free_TE.long().cumsum(1) - 1
+        e_T = (free_TE & (rank_TE == r_T[:, None])).long().argmax(1)
+        taken_TE[rows, e_T] = True
+        out.append(e_T)
+    return torch.stack(out, 1) if out else v.new_zeros(T, 0)
+
+
+class HashRouter(Router):
+    """Route each token by its id through a fixed hash: no trainable parameters, no balance loss needed.
+
+    Needs token ids per call: ``with moe_routing.routing_context(model, token_ids=ids): model(x)`` (ids int
+    [T] or [B, S] matching the layer input), or ``layer(x, RoutingContext(token_ids=ids))``.
+
+    Args:
+        hidden_size: D (unused by the routing, checked against the input).  num_experts: E.
+        top_k: K distinct experts per token, each with gate weight 1/K.
+        vocab_size: with a vocabulary size, a seeded random balanced table (`balanced_expert_map`, int64 buffer
+            ``expert_map`` [V, K], saved in the state dict); ids must lie in [0, vocab_size). Without one, the
+            table-free `hash_experts` (ids >= 0).
+        seed: seed of the table / hash salt (0).
+    The decision's ``logits_TE`` are zeros and ``scores_TE`` the assignment (1/K at the chosen experts), so balance
+    metrics and losses read the actual assignment; ``score_func="hash"``.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1, *, vocab_size: Optional[int] = None,
+                 seed: int = 0, device=None, dtype=None) -> None:
+        super().__init__(hidden_size, num_experts)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
+                                       or vocab_size < 1):
+            raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+        self.top_k, self.vocab_size, self.seed = top_k, vocab_size, seed
+        # an empty float buffer that follows module casts (float64 yes, bf16/fp16 no: see Router._apply), so the
+        # gate weights take the dtype a parametrised router would compute in
+        self.register_buffer("_gate_dtype", torch.zeros(0, device=device, dtype=torch.float32 if dtype in (
+            None, torch.float16, torch.bfloat16) else dtype), persistent=False)
+        if vocab_size is not None:
+            self.register_buffer("expert_map", balanced_expert_map(vocab_size, num_experts, top_k, seed).to(device))
+        else:
+            self.expert_map = None
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"vocab_size={self.vocab_size}, seed={self.seed}")
+
+    def default_losses(self) -> list:
+        return []
+
+    def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
+        T, E, K = x_TD.shape[0], self.num_experts, self.top_k
+        ids_T = None if ctx is None else ctx.token_ids_T(T)
+        if ids_T is None:
+            raise ValueError("HashRouter needs token ids: run the model inside "
+                             "`with moe_routing.routing_context(model, token_ids=ids):` (ids int [T] or [B, S]), "
+                             "or pass RoutingContext(token_ids=ids) to the layer")
+        ids_T = ids_T.to(x_TD.device).long()
+        if not torch.compiler.is_compiling() and T:
+            high = self.vocab_size if self.vocab_size is not None else math.inf
+            lo, hi = int(ids_T.min()), int(ids_T.max())
+            if lo < 0 or hi >= high:
+                raise ValueError(f"token_ids must lie in [0, {high}) (vocab_size), got values in [{lo}, {hi}]")
+        experts_TK = forced_experts_TK(ctx, layer_key, T, K, E, x_TD.device)
+        if experts_TK is None:
+            experts_TK = (self.expert_map[ids_T] if self.expert_map is not None
+                          else hash_experts(ids_T, E, K, self.seed))
+        dtype = self._gate_dtype.dtype
+        weights_TK = torch.full((T, K), 1.0 / K, dtype=dtype, device=x_TD.device)
+        logits_TE = torch.zeros(T, E, dtype=dtype, device=x_TD.device)
+        scores_TE = torch.zeros_like(logits_TE).scatter_(1, experts_TK, 1.0 / K)
+        return RoutingDecision.from_topk(experts_TK, weights_TK, logits_TE, scores_TE, "hash")

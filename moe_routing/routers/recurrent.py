@@ -1,0 +1,218 @@
+"""Layerwise recurrent router (RMoE, arXiv 2408.06793): one GRU cell, shared by all MoE layers, carries a
+routing state down the depth of the model, so each layer's choice can depend on earlier layers' routing.
+
+Per MoE layer i (recurrence over depth only; tokens are independent and run in parallel):
+
+    xp_TP     = x_TD @ w1_PD.T              per-layer projection, no bias
+    h_TP      = GRUCell(xp_TP, hprev_TP)    ONE GRUCell(P, P) shared by every layer; hprev = 0 at layer 0
+    logits_TE = h_TP @ w2_EP.T              per-layer, no bias
+    experts   = top-k of the logits, gates = softmax over those k logits (Mixtral)
+
+P is the projection / GRU width (``proj_dim``). Gradients flow through ``hprev``, i.e. layer i's loss reaches the
+projections of layers < i and the shared GRU.
+
+The hidden state of a forward lives in ``RoutingContext.layer_state`` under a key private to the group and the
+layer index (not `MoELayer.layer_key`), so it never outlives the context, and a layer recomputed by a
+non-reentrant activation checkpoint after later layers ran still reads its predecessor's state. Layer 0 counts
+forwards in the context, so a reused context reports state left by an earlier forward instead of reading it.
+Known limit: one context reused for two checkpointed forwards before their backward makes the first forward's
+recomputation read the second's state; use a fresh context per forward (what `routing_context` does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..decision import RoutingContext, RoutingDecision
+from ..losses.balance import SwitchAuxLoss
+from .base import Router, check_finite_logits
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_CONTEXT_HINT = ("run the model inside `with moe_routing.routing_context(model): ...` (a fresh context per "
+                 "forward) or pass ctx=RoutingContext() to every MoE layer")
+
+
+class _GroupKey:
+    """Identity token of one `RecurrentRouterGroup` in ``layer_state`` keys (a deepcopy gets a new one)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<RecurrentRouterGroup state {id(self):#x}>"
+
+
+@dataclass
+class _LayerState:
+    h_TP: Tensor      # the layer's GRU output, part of the autograd graph
+    generation: int   # which forward (counted by layer 0 in this context) wrote it
+
+
+def _not_in_backward() -> bool:
+    """False inside autograd's backward, where activation-checkpoint recomputation runs."""
+    return torch._C._current_graph_task_id() == -1
+
+
+def _check_int(name: str, value: object, low: int, high: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+
+
+def _factory(device, dtype) -> dict:
+    # like every router: float32 parameters unless float64 is asked for
+    return {"device": device, "dtype": torch.float32 if dtype in (None, *_LOW_PRECISION) else dtype}
+
+
+class RecurrentRouter(Router):
+    """Layer ``layer_index`` of a `RecurrentRouterGroup` (build it through the group, which owns the GRU).
+
+    Parameters: ``w1`` [P, D] (input projection), ``w2`` [E, P] (expert logits), both normal(0, init_std);
+    ``gru`` is the group's shared ``nn.GRUCell(P, P)`` (a submodule here too, so a model holding only the MoE
+    layers still trains, moves and saves it; ``model.parameters()`` lists it once).
+
+    ``route`` needs a `RoutingContext`; layers of the group must run in depth order 0..L-1 on the same tokens
+    within one forward. ``ctx.forced_experts[layer_key]`` (int [T, K]) replaces the selection (routing replay);
+    gates are then the softmax over the forced experts' logits, so they keep their gradient.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, layer_index: int, gru: nn.GRUCell,
+                 group_key: _GroupKey, *, init_std: float = 0.02, strict: bool = False, device=None,
+                 dtype=None) -> None:
+        super().__init__(hidden_size, num_experts)
+        _check_int("top_k", top_k, 1, num_experts)
+        _check_int("layer_index", layer_index, 0)
+        if not isinstance(gru, nn.GRUCell) or gru.input_size != gru.hidden_size:
+            raise TypeError(f"gru must be an nn.GRUCell(P, P), got {gru!r}")
+        if not isinstance(group_key, _GroupKey):
+            raise TypeError("group_key must come from a RecurrentRouterGroup; build routers with the group")
+        proj_dim = gru.hidden_size
+        self.top_k, self.layer_index, self.proj_dim, self.strict = top_k, layer_index, proj_dim, strict
+        self.w1 = nn.Parameter(torch.empty(proj_dim, hidden_size, **_factory(device, dtype)))
+        self.w2 = nn.Parameter(torch.empty(num_experts, proj_dim, **_factory(device, dtype)))
+        nn.init.normal_(self.w1, std=init_std)
+        nn.init.normal_(self.w2, std=init_std)
+        self.gru = gru
+        self._group_key = group_key
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"proj_dim={self.proj_dim}, layer_index={self.layer_index}")
+
+    def default_losses(self) -> list:
+        return [SwitchAuxLoss(1e-2)]
+
+    def _previous_state(self, ctx: RoutingContext, T: int) -> tuple[Optional[Tensor], int]:
+        """``(hprev_TP or None at layer 0, generation)``; raises ValueError on out-of-order or stale state."""
+        gen_key = (self._group_key, "generation")
+        if self.layer_index == 0:
+            generation = ctx.layer_state.get(gen_key, 0)
+            if _not_in_backward():  # a checkpoint recomputation belongs to the forward that already counted
+                generation += 1
+                ctx.layer_state[gen_key] = generation
+            return None, generation
+        i = self.layer_index
+        prev = ctx.layer_state.get((self._group_key, i - 1))
+        if prev is None:
+            raise ValueError(f"RecurrentRouter layer {i} found no state from layer {i - 1} in this RoutingContext:"
+                             f" the group's layers must run in depth order 0..{i} within one forward")
+        generation = ctx.layer_state.get(gen_key, 0)
+        if prev.generation != generation:
+            raise ValueError(f"RecurrentRouter layer {i}: the state of layer {i - 1} in this RoutingContext is from "
+                             f"an earlier forward (layer {i - 1} did not run in this one); {_CONTEXT_HINT}")
+        if prev.h_TP.shape[0] != T:
+            raise ValueError(f"RecurrentRouter layer {i} got {T} tokens but layer {i - 1} routed "
+                             f"{prev.h_TP.shape[0]}; every layer of the group must see the same tokens")
+        return prev.h_TP, generation
+
+    def _forced(self, ctx: RoutingContext, layer_key: object, T: int) -> Optional[Tensor]:
+        if layer_key not in ctx.forced_experts:
+            return None
+        idx = ctx.forced_experts[layer_key]
+        if not isinstance(idx, Tensor) or idx.is_floating_point() or idx.shape != (T, self.top_k):
+            got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
+            raise ValueError(f"forced_experts[{layer_key!r}] must be an integer tensor of shape "
+                             f"[{T}, {self.top_k}], got {got}")
+        if not torch.compiler.is_compiling() and T and bool(((idx < 0) | (idx >= self.num_experts)).any()):
+            raise ValueError(f"forced_experts[{layer_key!r}] has ids outside [0, {self.num_experts})")
+        return idx.long().to(self.w2.device)
+
+    def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
+        if ctx is None:
+            where = (" (this is an activation-checkpoint recomputation during backward: call backward inside "
+                     "the routing_context block, or pass ctx through the checkpointed function)"
+                     if not _not_in_backward() else "")
+            raise ValueError(f"RecurrentRouter needs a RoutingContext to carry its state between layers{where}; "
+                             f"{_CONTEXT_HINT}")
+        T = x_TD.shape[0]
+        hprev_TP, generation = self._previous_state(ctx, T)
+        forced_TK = self._forced(ctx, layer_key, T)  # validated before any compute
+
+        h_TP = self.gru(x_TD @ self.w1.t(), hprev_TP)  # hprev None: GRUCell starts from zeros
+        ctx.layer_state[(self._group_key, self.layer_index)] = _LayerState(h_TP, generation)
+        logits_TE = h_TP @ self.w2.t()
+        logits_TE, nonfinite = check_finite_logits(logits_TE, self.strict)
+        scores_TE = logits_TE.softmax(-1)
+        # select on logits: softmax can round distinct logits to equal probabilities
+        idx_TK = forced_TK if forced_TK is not None else logits_TE.detach().topk(self.top_k, dim=-1).indices
+        gates_TK = logits_TE.gather(1, idx_TK).softmax(-1)
+        extra = {} if nonfinite is None else {"nonfinite_tokens": nonfinite}
+        return RoutingDecision.from_topk(idx_TK, gates_TK, logits_TE, scores_TE, "softmax", extra)
+
+
+class RecurrentRouterGroup(nn.Module):
+    """The model-level owner of RMoE's shared GRU and its per-layer routers.
+
+    Args:
+        hidden_size: D.  num_experts: E.  top_k: K in [1, E].  num_layers: L, MoE layers using the group.
+        proj_dim: P, the projection and GRU width. Default 128, the paper's runs (the reference code's config
+            default is 256).
+        init_std: std of the normal init of every layer's ``w1`` [P, D] and ``w2`` [E, P]; the GRU keeps
+            ``nn.GRUCell``'s default U(-1/sqrt(P), 1/sqrt(P)) init (the reference code re-initialises it).
+        strict: raise on non-finite logits on accelerators too (CPU always raises).
+
+    ``group.routers[i]`` is layer i's `RecurrentRouter`; use it as ``MoELayer(D, F, E, K, router=group.routers[i])``
+    and run each forward inside ``with moe_routing.routing_context(model):`` (or pass ``ctx=`` to every layer).
+    Parameters stay float32 under ``.to(torch.bfloat16)``, the GRU included; a float64 cast applies.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_layers: int, proj_dim: int = 128, *,
+                 init_std: float = 0.02, device=None, dtype=None, strict: bool = False) -> None:
+        super().__init__()
+        _check_int("hidden_size", hidden_size, 1)
+        _check_int("num_experts", num_experts, 1)
+        _check_int("top_k", top_k, 1, num_experts)
+        _check_int("num_layers", num_layers, 1)
+        _check_int("proj_dim", proj_dim, 1)
+        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std > 0:
+            raise ValueError(f"init_std must be a float > 0, got {init_std!r}")
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.num_layers, self.proj_dim = num_layers, proj_dim
+        self.gru = nn.GRUCell(proj_dim, proj_dim, **_factory(device, dtype))
+        key = _GroupKey()
+        self.layer_routers = nn.ModuleList(
+            RecurrentRouter(hidden_size, num_experts, top_k, i, self.gru, key, init_std=float(init_std),
+                            strict=strict, device=device, dtype=dtype) for i in range(num_layers))
+
+    @property
+    def routers(self) -> list[RecurrentRouter]:
+        """One `RecurrentRouter` per MoE layer, in depth order."""
+        return list(self.layer_routers)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"num_layers={self.num_layers}, proj_dim={self.proj_dim}")
+
+    def _apply(self, fn: Callable, recurse: bool = True):  # noqa: D401 - torch override
+        # Same rule as Router: the shared GRU is reached from here too, and a bf16 round trip would round it.
+        def keep_fp32(t: Tensor) -> Tensor:
+            out = fn(t)
+            if isinstance(out, Tensor) and t.is_floating_point() and out.dtype in _LOW_PRECISION:
+                out = t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(keep_fp32, recurse)

@@ -1,0 +1,407 @@
+"""Recurrent router (RMoE): routing and gradients against a naive per-token GRU written out here, state
+handling (reset between forwards, activation checkpointing, misuse), shared-GRU ownership and dtypes."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import moe_routing as mr
+from moe_routing.decision import RoutingContext
+from moe_routing.routers.recurrent import RecurrentRouter, RecurrentRouterGroup
+
+from reference import naive_ffn, naive_softmax
+
+
+# --------------------------------------------------------------------------------------- naive reference
+def _sig(v):
+    return 1.0 / (1.0 + torch.exp(-v))
+
+
+def naive_gru_token(x_P, h_P, w_ih, w_hh, b_ih, b_hh):
+    """torch.nn.GRUCell's equations for one token, gate by gate (rows of w_ih / w_hh are r, z, n)."""
+    P = h_P.shape[0]
+    rows = {"r": slice(0, P), "z": slice(P, 2 * P), "n": slice(2 * P, 3 * P)}
+    out = []
+    for j in range(P):
+        def pre(g, src, w, b):
+            row = rows[g].start + j
+            return sum(w[row, c] * src[c] for c in range(src.shape[0])) + b[row]
+        r = _sig(pre("r", x_P, w_ih, b_ih) + pre("r", h_P, w_hh, b_hh))
+        z = _sig(pre("z", x_P, w_ih, b_ih) + pre("z", h_P, w_hh, b_hh))
+        n = torch.tanh(pre("n", x_P, w_ih, b_ih) + r * pre("n", h_P, w_hh, b_hh))
+        out.append((1 - z) * n + z * h_P[j])
+    return torch.stack(out)
+
+
+def naive_route(xs, params, k):
+    """Per layer and per token: logits [T, E], chosen experts (descending logit) and their gates."""
+    w_ih, w_hh, b_ih, b_hh = params["gru"]
+    T, P = xs[0].shape[0], w_hh.shape[1]
+    h = [torch.zeros(P, dtype=torch.float64) for _ in range(T)]
+    out = []
+    for i, x_TD in enumerate(xs):
+        w1, w2 = params["w1"][i], params["w2"][i]
+        logits, experts, gates = [], [], []
+        for t in range(T):
+            xp = torch.stack([(w1[p] * x_TD[t]).sum() for p in range(P)])
+            h[t] = naive_gru_token(xp, h[t], w_ih, w_hh, b_ih, b_hh)
+            lg = torch.stack([(w2[e] * h[t]).sum() for e in range(w2.shape[0])])
+            chosen = sorted(range(lg.shape[0]), key=lambda e: -float(lg[e].detach()))[:k]
+            logits.append(lg)
+            experts.append(chosen)
+            gates.append(naive_softmax(torch.stack([lg[e] for e in chosen])))
+        out.append((torch.stack(logits), experts, torch.stack(gates)))
+    return out
+
+
+def leaves(group):
+    g = group.gru
+    return {"gru": [p.detach().clone().requires_grad_() for p in (g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh)],
+            "w1": [r.w1.detach().clone().requires_grad_() for r in group.routers],
+            "w2": [r.w2.detach().clone().requires_grad_() for r in group.routers]}
+
+
+def flat(p):
+    return [*p["gru"], *p["w1"], *p["w2"]]
+
+
+def group_params(group):
+    g = group.gru
+    return [g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh, *[r.w1 for r in group.routers],
+            *[r.w2 for r in group.routers]]
+
+
+# ---------------------------------------------------------------------------------------- routing math
+@pytest.mark.parametrize("T", [1, 6])
+def test_routing_and_gradients_match_naive_gru_over_three_layers(T):
+    torch.manual_seed(T)
+    D, E, k, P = 7, 5, 2, 4
+    group = RecurrentRouterGroup(D, E, k, 3, P, init_std=0.5, dtype=torch.float64)
+    xs = [torch.randn(T, D, dtype=torch.float64) for _ in range(3)]
+    ctx = RoutingContext()
+    decisions = [r(x, ctx) for r, x in zip(group.routers, xs)]
+    ref_params = leaves(group)
+    ref = naive_route(xs, ref_params, k)
+    for d, (logits, experts, gates) in zip(decisions, ref):
+        torch.testing.assert_close(d.logits_TE, logits, rtol=1e-12, atol=1e-13)
+        assert d.experts_TK.tolist() == experts
+        torch.testing.assert_close(d.weights_TK, gates, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(d.scores_TE.sum(-1), torch.ones(T, dtype=torch.float64))
+    # gradients of a random function of every layer's gates and logits, through the recurrence
+    c = [(torch.randn(T, k, dtype=torch.float64), torch.randn(T, E, dtype=torch.float64)) for _ in range(3)]
+    loss = sum((d.weights_TK * a).sum() + (d.logits_TE * b).sum() for d, (a, b) in zip(decisions, c))
+    loss_ref = sum((g * a).sum() + (lg * b).sum() for (lg, _, g), (a, b) in zip(ref, c))
+    grads = torch.autograd.grad(loss, group_params(group))
+    grads_ref = torch.autograd.grad(loss_ref, flat(ref_params))
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_through_the_recurrence():
+    torch.manual_seed(1)
+    group = RecurrentRouterGroup(5, 4, 2, 3, 3, init_std=0.7, dtype=torch.float64)
+    x1, x2 = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+
+    def last_layer(x0):
+        ctx = RoutingContext()
+        group.routers[0](x0, ctx)
+        group.routers[1](x1, ctx)
+        d = group.routers[2](x2, ctx)
+        return d.weights_TK, d.logits_TE
+
+    x0 = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(last_layer, (x0,))
+
+
+def test_layer_two_loss_reaches_layer_zero_projection_and_shared_gru():
+    torch.manual_seed(2)
+    D, E = 9, 4
+    group = RecurrentRouterGroup(D, E, 2, 3, 8, init_std=0.3)
+    layers = [mr.MoELayer(D, 6, E, 2, router=r, losses=[]) for r in group.routers]
+    xs = [torch.randn(5, D) for _ in range(3)]  # independent inputs: layer 0 reaches layer 2 only via the state
+    ctx = RoutingContext()
+    ys = [layer(x, ctx) for layer, x in zip(layers, xs)]
+    grads = torch.autograd.grad(ys[2].square().sum(), [group.routers[0].w1, group.routers[1].w2, group.gru.weight_hh,
+                                                      group.gru.weight_ih, layers[0].experts.w_up],
+                                allow_unused=True)
+    assert grads[0].abs().sum() > 1e-6             # state really flows from layer 0
+    assert grads[2].abs().sum() > 1e-6 and grads[3].abs().sum() > 1e-6
+    assert grads[1] is None                        # layer 1's logits do not feed layer 2
+    assert grads[4] is None
+
+
+# --------------------------------------------------------------------------------------- full MoE layers
+class Toy(torch.nn.Module):
+    """Residual stack of MoE layers routed by one group (the group is a submodule, registered first)."""
+
+    def __init__(self, D=9, F=6, E=5, k=2, L=3, P=8, ckpt=False, **kw):
+        super().__init__()
+        self.group = RecurrentRouterGroup(D, E, k, L, P, **kw)
+        self.layers = torch.nn.ModuleList(mr.MoELayer(D, F, E, k, router=r) for r in self.group.routers)
+        self.ckpt = ckpt
+
+    def forward(self, h, ctx=None):
+        for layer in self.layers:
+            if self.ckpt:
+                h = h + checkpoint(layer, h, ctx, use_reentrant=False)
+            else:
+                h = h + layer(h, ctx)
+        return h
+
+
+def naive_toy(x_TD, model, k):
+    """The toy stack token by token: naive routing per layer, naive experts, residual."""
+    p = leaves(model.group)
+    h = x_TD
+    hidden = [torch.zeros(p["w2"][0].shape[1], dtype=x_TD.dtype) for _ in range(x_TD.shape[0])]
+    w_ih, w_hh, b_ih, b_hh = p["gru"]
+    for i, layer in enumerate(model.layers):
+        ex = layer.experts
+        rows = []
+        for t in range(h.shape[0]):
+            xp = torch.stack([(p["w1"][i][j] * h[t]).sum() for j in range(len(hidden[t]))])
+            hidden[t] = naive_gru_token(xp, hidden[t], w_ih, w_hh, b_ih, b_hh)
+            lg = torch.stack([(p["w2"][i][e] * hidden[t]).sum() for e in range(p["w2"][i].shape[0])])
+            chosen = sorted(range(lg.shape[0]), key=lambda e: -float(lg[e].detach()))[:k]
+            gates = naive_softmax(torch.stack([lg[e] for e in chosen]))
+            acc = sum(gates[j] * naive_ffn(h[t], ex.w_gate[e], ex.w_up[e], ex.w_down[e], "swiglu")
+                      for j, e in enumerate(chosen))
+            rows.append(h[t] + acc)
+        h = torch.stack(rows)
+    return h, p
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_moe_stack_matches_naive_float64(T):
+    torch.manual_seed(3)
+    model = Toy(E=6, init_std=0.4).double()
+    for layer in model.layers:
+        layer.losses = []
+    x = torch.randn(T, 9, dtype=torch.float64)
+    with mr.routing_context(model):
+        y = model(x)
+    y_ref, p = naive_toy(x, model, 2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, group_params(model.group), dy)
+    grads_ref = torch.autograd.grad(y_ref, flat(p), dy)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+    if T == 1:  # k=2 of 6 experts: four get no token
+        assert int((model.layers[0].last_stats["tokens_per_expert"] == 0).sum()) == 4
+
+
+def test_moe_stack_fp32_and_bf16_forward_backward():
+    torch.manual_seed(4)
+    model = Toy()
+    ref = copy.deepcopy(model).double()
+    x = torch.randn(2, 5, 9)
+    with mr.routing_context(model):
+        y = model(x)
+    y.sum().backward()
+    with mr.routing_context(ref):
+        y64 = ref(x.double())
+    torch.testing.assert_close(y, y64.float(), rtol=1e-5, atol=1e-5)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.group.routers[0].w1.grad.abs().sum() > 0
+    assert set(mr.aux_losses(model)["layers.2"]) == {"switch_aux"}  # default loss: TopK softmax's
+
+    gru_before = {n: p.detach().clone() for n, p in model.group.gru.named_parameters()}
+    model.zero_grad()
+    model.to(torch.bfloat16)
+    for n, p in model.group.gru.named_parameters():  # fp32 and not rounded through bf16
+        assert p.dtype == torch.float32 and torch.equal(p, gru_before[n])
+    for layer in model.layers:
+        assert layer.router.w1.dtype == layer.router.w2.dtype == torch.float32
+        assert layer.router.gru is model.group.gru
+        assert layer.experts.w_up.dtype == torch.bfloat16
+    xb = x.bfloat16()
+    with mr.routing_context(model):
+        yb = model(xb)
+    yb.float().square().sum().backward()
+    assert yb.dtype == torch.bfloat16
+    assert model.group.gru.weight_hh.grad.dtype == torch.float32
+    assert model.group.gru.weight_hh.grad.abs().sum() > 0
+    torch.testing.assert_close(yb.float(), y.detach(), rtol=0.1, atol=0.1)
+    assert model.double().group.gru.weight_ih.dtype == torch.float64
+
+
+def test_bf16_cast_of_layers_only_keeps_shared_gru_fp32():
+    group = RecurrentRouterGroup(8, 4, 1, 2, 4)
+    seq = torch.nn.Sequential(*[mr.MoELayer(8, 4, 4, 1, router=r) for r in group.routers]).to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in group.parameters())
+    assert seq[0].experts.w_up.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------- state
+def test_state_resets_between_forwards():
+    torch.manual_seed(5)
+    model = Toy()
+    fresh = copy.deepcopy(model)
+    a, b = torch.randn(4, 9), torch.randn(3, 2, 9)  # different token counts
+    with mr.routing_context(model):
+        model(a)
+    with mr.routing_context(model):
+        y_b = model(b)
+    with mr.routing_context(fresh):
+        torch.testing.assert_close(y_b, fresh(b), rtol=0, atol=0)
+    reused = RoutingContext()  # one context for sequential forwards: layer 0 starts a new generation each time
+    model(a, reused)
+    torch.testing.assert_close(model(b, reused), y_b, rtol=0, atol=0)
+
+
+def test_deepcopied_group_has_its_own_state_key():
+    torch.manual_seed(6)
+    model = Toy()
+    twin = copy.deepcopy(model)
+    ctx = RoutingContext()
+    x = torch.randn(3, 9)
+    y = model(x, ctx)
+    torch.testing.assert_close(twin(x, ctx), y, rtol=0, atol=0)
+    assert twin.layers[1].router._group_key is twin.layers[0].router._group_key
+    assert twin.layers[0].router._group_key is not model.layers[0].router._group_key
+    assert len(ctx.layer_state) == 2 * (3 + 1)  # 3 layers + a generation counter per group
+
+
+@pytest.mark.parametrize("how", ["explicit_ctx", "routing_context", "whole_model"])
+def test_checkpointing_matches_plain_run(how):
+    torch.manual_seed(7)
+    plain = Toy(init_std=0.3)
+    ckpt = copy.deepcopy(plain)
+    ckpt.ckpt = how != "whole_model"
+    x = torch.randn(2, 4, 9)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    with mr.routing_context(plain):
+        y = plain(xs[0])
+        y.square().sum().backward()
+    if how == "explicit_ctx":
+        yc = ckpt(xs[1], RoutingContext())
+        yc.square().sum().backward()
+    elif how == "whole_model":  # one checkpoint around all layers: recomputes layers 0..2 in order
+        yc = checkpoint(ckpt, xs[1], RoutingContext(), use_reentrant=False)
+        yc.square().sum().backward()
+    else:
+        with mr.routing_context(ckpt):  # recomputation in backward needs the context still set
+            yc = ckpt(xs[1])
+            yc.square().sum().backward()
+    torch.testing.assert_close(yc, y, rtol=0, atol=0)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-6, atol=1e-7)
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert p.grad is not None, n
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_checkpoint_backward_outside_routing_context_says_why():
+    model = Toy(ckpt=True)
+    with mr.routing_context(model):
+        y = model(torch.randn(3, 9))
+    with pytest.raises(ValueError, match="recomputation during backward"):
+        y.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------- misuse
+def test_misuse_errors():
+    torch.manual_seed(8)
+    group = RecurrentRouterGroup(6, 4, 2, 3, 4)
+    r0, r1, r2 = group.routers
+    x = torch.randn(5, 6)
+    with pytest.raises(ValueError, match=r"moe_routing\.routing_context\(model\)"):
+        r0(x)
+    with pytest.raises(ValueError, match=r"RoutingContext"):
+        mr.MoELayer(6, 4, 4, 2, router=r0)(x)
+    with pytest.raises(ValueError, match="layer 1 found no state from layer 0"):
+        r1(x, RoutingContext())
+    ctx = RoutingContext()
+    r0(x, ctx)
+    with pytest.raises(ValueError, match="layer 1 got 4 tokens but layer 0 routed 5"):
+        r1(x[:4], ctx)
+    r1(x, ctx)
+    r2(x, ctx)
+    r0(x, ctx)  # reused context: a new forward starts at layer 0 ...
+    with pytest.raises(ValueError, match="state of layer 1 .* earlier forward"):
+        r2(x, ctx)  # ... so layer 1's state is stale
+    with pytest.raises(ValueError, match="forced_experts"):
+        r0(x, RoutingContext(forced_experts={None: torch.zeros(5, 3, dtype=torch.long)}))
+    with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+        r0(x, RoutingContext(forced_experts={None: torch.full((5, 2), 4)}))
+    with pytest.raises(ValueError, match="forced_experts"):
+        r0(x, RoutingContext(forced_experts={None: torch.zeros(5, 2)}))
+    with pytest.raises(ValueError, match=r"shape \[T, 6\]"):
+        r0(torch.randn(5, 7), RoutingContext())
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"proj_dim": 0}, ValueError, "proj_dim"),
+    ({"proj_dim": 2.5}, TypeError, "proj_dim"),
+    ({"top_k": 5}, ValueError, r"top_k must be an int in \[1, 4\]"),
+    ({"top_k": 0}, ValueError, "top_k"),
+    ({"num_layers": 0}, ValueError, "num_layers"),
+    ({"num_layers": True}, TypeError, "num_layers"),
+    ({"hidden_size": 0}, ValueError, "hidden_size"),
+    ({"num_experts": 0}, ValueError, "num_experts"),
+    ({"init_std": 0.0}, ValueError, "init_std"),
+])
+def test_bad_constructor_arguments(kwargs, exc, match):
+    args = {"hidden_size": 6, "num_experts": 4, "top_k": 2, "num_layers": 2, **kwargs}
+    with pytest.raises(exc, match=match):
+        RecurrentRouterGroup(**args)
+
+
+def test_router_needs_group_pieces():
+    group = RecurrentRouterGroup(6, 4, 2, 1, 4)
+    with pytest.raises(TypeError, match="gru"):
+        RecurrentRouter(6, 4, 2, 0, torch.nn.GRUCell(4, 5), group.routers[0]._group_key)
+    with pytest.raises(TypeError, match="group_key"):
+        RecurrentRouter(6, 4, 2, 0, group.gru, object())
+
+
+# ---------------------------------------------------------------------------------- forced experts
+def test_forced_experts_replay_and_override():
+    torch.manual_seed(9)
+    model = Toy(init_std=0.3)
+    x = torch.randn(4, 9)
+    captured = []
+    hook = model.layers[1].router.register_forward_hook(lambda mod, args, out: captured.append(out))
+    with mr.routing_context(model):
+        y = model(x)
+    hook.remove()
+    own = captured[0].experts_TK
+    with mr.routing_context(model, forced_experts={1: own}):  # replaying layer 1's own choice changes nothing
+        torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+    other = (own + 1) % 5
+    with mr.routing_context(model, forced_experts={1: other}):
+        assert not torch.allclose(model(x), y)
+    ctx = RoutingContext(forced_experts={1: other})
+    model.layers[0].router(x, ctx, 0)
+    d = model.layers[1].router(x, ctx, 1)
+    assert torch.equal(d.experts_TK, other)
+    torch.testing.assert_close(d.weights_TK, d.logits_TE.gather(1, other).softmax(-1))
+    assert d.weights_TK.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ ownership
+def test_shared_gru_counted_once_and_state_dict_round_trips():
+    torch.manual_seed(10)
+    D, F, E, L, P = 9, 6, 5, 3, 8
+    model = Toy(D, F, E, 2, L, P)
+    gru = 2 * 3 * P * P + 2 * 3 * P
+    per_layer = P * D + E * P + 3 * E * D * F
+    assert sum(p.numel() for p in model.parameters()) == gru + L * per_layer
+    assert len({id(p) for p in model.parameters()}) == len(list(model.parameters()))
+    torch.manual_seed(11)
+    other = Toy(D, F, E, 2, L, P)
+    x = torch.randn(5, D)
+    with mr.routing_context(model):
+        y = model(x)
+    with mr.routing_context(other):
+        assert not torch.allclose(other(x), y)
+    missing = other.load_state_dict(model.state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys
+    assert other.layers[2].router.gru is other.group.gru  # still one shared module after loading
+    with mr.routing_context(other):
+        torch.testing.assert_close(other(x), y, rtol=0, atol=0)
+    assert math.isclose(float(model.group.routers[0].w1.detach().std()), 0.02, rel_tol=0.3)
