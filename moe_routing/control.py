@@ -61,10 +61,13 @@ def routing_context(model: nn.Module, ctx: Optional[RoutingContext] = None, **kw
     """Set one `RoutingContext` on every MoE layer of ``model`` for the duration of the block.
 
     ``kwargs`` build the context (``token_ids``, ``padding_mask``, ``seq_lens``, ``forced_experts``) when none
-    is given. Layers without a ``layer_idx`` get their position among the model's MoE layers.
+    is given. Layers without a ``layer_idx`` get their position among the model's MoE layers for the
+    duration of the block (that is the key ``forced_experts`` and ``layer_state`` use); on exit every layer's
+    ``layer_idx`` and context are restored to what they were.
     """
     ctx = ctx if ctx is not None else RoutingContext(**kwargs)
     layers = moe_layers(model)
+    previous = [(layer, layer.layer_idx, layer._ctx) for _, layer in layers]
     for i, (_, layer) in enumerate(layers):
         if layer.layer_idx is None:
             layer.layer_idx = i
@@ -72,5 +75,7 @@ def routing_context(model: nn.Module, ctx: Optional[RoutingContext] = None, **kw
     try:
         yield ctx
     finally:
-        for _, layer in layers:
-            layer._ctx = None
+        # restore what the block found: an index assigned here must not outlive it (a later model edit
+        # would otherwise key two layers' state alike), and nested contexts unwind to the outer one
+        for layer, layer_idx, old_ctx in previous:
+            layer.layer_idx, layer._ctx = layer_idx, old_ctx

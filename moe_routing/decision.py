@@ -12,8 +12,9 @@ the same layout with a data-dependent N.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -100,19 +101,38 @@ class RoutingContext:
         self.forced_experts: dict = dict(forced_experts or {})
         self.layer_state: dict = {}
 
-    def padding_T(self, num_tokens: int) -> Optional[Tensor]:
-        """Flattened padding mask [T], checked against the layer's token count."""
+    def to(self, device: Union[torch.device, str]) -> "RoutingContext":
+        """This context with ``token_ids``, ``padding_mask`` and ``seq_lens`` on ``device``.
+
+        Returns ``self`` when they are already there; otherwise a shallow copy that shares ``forced_experts``
+        and ``layer_state`` (so per-layer state written through the copy is seen by the caller's context).
+        The layer calls this with its input's device, so a mask built on the CPU works for a CUDA model.
+        """
+        device = torch.device(device)
+        names = ("token_ids", "padding_mask", "seq_lens")
+        moved = {n: getattr(self, n).to(device) for n in names
+                 if getattr(self, n) is not None and getattr(self, n).device != device}
+        if not moved:
+            return self
+        out = copy.copy(self)
+        for name, value in moved.items():
+            setattr(out, name, value)
+        return out
+
+    def padding_T(self, num_tokens: int, device: Optional[torch.device] = None) -> Optional[Tensor]:
+        """Flattened padding mask bool [T] (on ``device`` when given), checked against the layer's token count."""
         if self.padding_mask is None:
             return None
         mask = self.padding_mask.reshape(-1)
         if mask.numel() != num_tokens:
             raise ValueError(f"padding_mask has {mask.numel()} elements but the layer input has {num_tokens} tokens")
-        return mask
+        return mask if device is None else mask.to(device)
 
-    def token_ids_T(self, num_tokens: int) -> Optional[Tensor]:
+    def token_ids_T(self, num_tokens: int, device: Optional[torch.device] = None) -> Optional[Tensor]:
+        """Flattened token ids int [T] (on ``device`` when given), checked against the layer's token count."""
         if self.token_ids is None:
             return None
         ids = self.token_ids.reshape(-1)
         if ids.numel() != num_tokens:
             raise ValueError(f"token_ids has {ids.numel()} elements but the layer input has {num_tokens} tokens")
-        return ids
+        return ids if device is None else ids.to(device)

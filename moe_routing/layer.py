@@ -1,6 +1,7 @@
 """MoELayer: a drop-in ``nn.Module`` wiring router -> losses -> dispatch -> experts -> combine -> stats."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -14,7 +15,7 @@ from .metrics import layer_stats
 from .ops.backend import check_backend_name, resolve_backend
 from .ops.capacity import DROP_POLICIES, capacity_keep_mask, expert_capacity
 from .ops.combine import combine
-from .ops.counts import inverse_order, sort_by_expert
+from .ops.counts import expert_counts, inverse_order, sort_by_expert
 from .ops.permute import permute
 from .routers import ROUTERS, Router
 
@@ -85,6 +86,11 @@ class MoELayer(nn.Module):
             if router.num_experts != self.num_experts or router.hidden_size != self.hidden_size:
                 raise ValueError(f"router has num_experts={router.num_experts}, hidden_size={router.hidden_size}; "
                                  f"the layer has {self.num_experts}, {self.hidden_size}")
+            # variable-k routers expose their nominal k as top_k; losses and capacity use the layer's
+            k = getattr(router, "top_k", None)
+            if isinstance(k, int) and not isinstance(k, bool) and k != self.top_k:
+                raise ValueError(f"router has top_k={k} but the layer has top_k={self.top_k}; pass the same k "
+                                 "to both")
             return router
         if router not in ROUTERS:
             raise ValueError(f"router must be a Router instance or one of {sorted(ROUTERS)}, got {router!r}")
@@ -111,12 +117,22 @@ class MoELayer(nn.Module):
                             "(layer.to(x.dtype)) or run under torch.autocast")
 
     def _sequences(self, x: Tensor, ctx: Optional[RoutingContext], T: int) -> tuple[Optional[Tensor], int]:
+        """Sequence id of each token (int64 [T], or None for one sequence) and the number of sequences.
+
+        ``seq_lens`` is checked on the host (CPU tensors, the usual case, or a CPU input), and on an
+        accelerator only with ``MOE_ROUTING_DEBUG=1``: there the check would sync the host on every forward.
+        """
         if ctx is not None and ctx.seq_lens is not None:
-            lens = ctx.seq_lens.to(x.device)
-            if int(lens.sum()) != T or bool((lens < 0).any()):
-                raise ValueError(f"seq_lens must be non-negative and sum to the token count {T}, "
-                                 f"got sum {int(lens.sum())}")
-            return torch.repeat_interleave(torch.arange(lens.numel(), device=x.device), lens), lens.numel()
+            lens = ctx.seq_lens
+            if x.device.type == "cpu":
+                lens = lens.to(x.device)  # bringing them to the host syncs anyway, so they are checked there
+            if lens.device.type == "cpu" or _debug_checks():
+                if lens.dim() != 1 or int(lens.sum()) != T or bool((lens < 0).any()):
+                    raise ValueError(f"seq_lens must be a 1-D tensor of non-negative lengths summing to the token "
+                                     f"count {T}, got shape {tuple(lens.shape)} and sum {int(lens.sum())}")
+            lens = lens.to(x.device)
+            seq_T = torch.repeat_interleave(torch.arange(lens.numel(), device=x.device), lens, output_size=T)
+            return seq_T, lens.numel()
         if x.dim() >= 3:
             S = x.shape[-2]
             num_seqs = T // S
@@ -132,13 +148,15 @@ class MoELayer(nn.Module):
         if T == 0:
             y = x * 0  # empty; stays in x's graph so a backward through an empty micro-batch works
             return (y, x.new_zeros((), dtype=torch.float32)) if self.return_aux_loss else y
+        # seq_lens: validated once, before any compute and while still on the host, whether or not a loss reads it
+        seqs = self._sequences(x, ctx, T) if ctx is not None and ctx.seq_lens is not None else None
+        if ctx is not None:
+            ctx = ctx.to(x.device)  # masks built on the CPU for a model elsewhere; routers read them too
         pad_T = ctx.padding_T(T) if ctx is not None else None
         valid_T = None if pad_T is None else ~pad_T
-        if ctx is not None and ctx.seq_lens is not None:
-            self._sequences(x, ctx, T)  # validate seq_lens before any compute, whether or not a loss reads them
 
         decision = self.router(x_TD, ctx, self.layer_key)
-        aux = self._losses(decision, x, ctx, valid_T)
+        aux = self._losses(decision, x, ctx, valid_T, seqs)
         y_TD, load_E, routed, dropped = self._dispatch(x_TD, decision, valid_T, backend)
         if self.shared_experts is not None:
             y_TD = y_TD + self._run(self.shared_experts, x_TD)
@@ -162,12 +180,19 @@ class MoELayer(nn.Module):
             params = {k: v.to(dtype) for k, v in module.named_parameters()}
             return torch.func.functional_call(module, params, args=(x.to(dtype), *args))
 
-    def _losses(self, decision: RoutingDecision, x: Tensor, ctx, valid_T: Optional[Tensor]) -> Tensor:
+    def _losses(self, decision: RoutingDecision, x: Tensor, ctx, valid_T: Optional[Tensor],
+                seqs: Optional[tuple[Optional[Tensor], int]]) -> Tensor:
+        """Sum of the layer's losses (a 0-d tensor), their values kept in ``last_aux_losses``.
+
+        Computed when they can matter: grad enabled (training), ``track_stats`` (logging) or
+        ``return_aux_loss`` (the caller reads the value). Otherwise -- inference with stats off -- skipped:
+        0 is returned and ``last_aux_losses`` is empty.
+        """
         total = decision.logits_TE.new_zeros(())
         self.last_aux_losses = {}
-        if not self.losses:
+        if not self.losses or not (torch.is_grad_enabled() or self.track_stats or self.return_aux_loss):
             return total
-        seq_T, num_seqs = self._sequences(x, ctx, decision.num_tokens)
+        seq_T, num_seqs = seqs if seqs is not None else self._sequences(x, ctx, decision.num_tokens)
         info = LossInputs(valid_T=valid_T, seq_T=seq_T, num_seqs=num_seqs, top_k=self.top_k, layer=self)
         for loss in self.losses:
             value = loss(decision, info)
@@ -177,20 +202,32 @@ class MoELayer(nn.Module):
 
     def _dispatch(self, x_TD: Tensor, d: RoutingDecision, valid_T: Optional[Tensor], backend: str):
         token_N, expert_N, weight_N, top_k = d.token_N, d.expert_N, d.weight_N, d.top_k
-        T = x_TD.shape[0]
-        valid_N = None if valid_T is None else valid_T[token_N]
-        routed = token_N.new_tensor(token_N.numel()) if valid_N is None else valid_N.sum()
+        T, E = x_TD.shape[0], self.num_experts
+        # a fixed-k decision bounds every token's pair count by k, before and after capacity drops
+        max_pairs = d.top_k
+        valid_N = None if valid_T is None else valid_T.index_select(0, token_N)
+        # counts as device tensors (torch.full, not new_tensor: no host-to-device copy)
+        routed = (torch.full((), token_N.numel(), dtype=torch.int64, device=token_N.device) if valid_N is None
+                  else valid_N.sum())
         dropped = torch.zeros_like(routed)
         if self.capacity_factor is not None:
-            num_valid = T if valid_T is None else int(valid_T.sum())
-            cap = expert_capacity(self.capacity_factor, num_valid, self.top_k, self.num_experts)
-            keep_N = capacity_keep_mask(expert_N, weight_N, self.num_experts, cap, self.drop_policy, valid_N)
+            # the non-padding count stays on the device (exact integer capacity, no sync)
+            num_valid = T if valid_T is None else valid_T.sum()
+            cap = expert_capacity(self.capacity_factor, num_valid, self.top_k, E, max_tokens=T)
+            keep_N = capacity_keep_mask(expert_N, weight_N, E, cap, self.drop_policy, valid_N)
             dropped = routed - keep_N.sum()
-            token_N, expert_N, weight_N, top_k = token_N[keep_N], expert_N[keep_N], weight_N[keep_N], None
-            valid_N = None
-        order_N, counts_E, offsets_E = sort_by_expert(expert_N, self.num_experts, backend)
-        x_ND = permute(x_TD, token_N[order_N], backend)
+            # the one unavoidable sync of capacity mode: how many pairs survive sizes every later tensor
+            kept_N = keep_N.nonzero().squeeze(1)
+            token_N, expert_N, weight_N = token_N[kept_N], expert_N[kept_N], weight_N[kept_N]
+            top_k, valid_N = None, None
+        order_N, counts_E, offsets_E = sort_by_expert(expert_N, E, backend)
+        x_ND = permute(x_TD, token_N[order_N], backend, top_k=top_k, max_pairs=max_pairs)
         h_ND = self._run(self.experts, x_ND, counts_E, offsets_E)
-        y_TD = combine(h_ND, weight_N, inverse_order(order_N), token_N, T, top_k, backend)
-        load_E = counts_E if valid_N is None else torch.bincount(expert_N[valid_N], minlength=self.num_experts)
+        y_TD = combine(h_ND, weight_N, inverse_order(order_N), token_N, T, top_k, backend, max_pairs=max_pairs)
+        load_E = counts_E if valid_N is None else expert_counts(expert_N, E, valid_N.long())
         return y_TD, load_E, routed, dropped
+
+
+def _debug_checks() -> bool:
+    """Value checks that would sync an accelerator run only with ``MOE_ROUTING_DEBUG=1``."""
+    return os.environ.get("MOE_ROUTING_DEBUG") == "1"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moe_routing import MoELayer, RoutingContext, format_routing_report, routing_report
+from moe_routing.losses import SequenceAuxLoss, SwitchAuxLoss
 
 D, F, E, K = 16, 32, 4, 2
 
@@ -244,3 +245,18 @@ def test_capacity_drop_stats_per_policy(policy):
             h = (torch.nn.functional.silu(x[t] @ ex.w_gate[e]) * (x[t] @ ex.w_up[e])) @ ex.w_down[e]
             expected[t] += w[t, j] * h.detach()
     torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dropless_layer_with_padding_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break: a bincount or boolean index (data-dependent sizes) would be one."""
+    torch.manual_seed(0)
+    layer = MoELayer(D, F, E, K, expert_impl="grouped_mm", losses=[SwitchAuxLoss(), SequenceAuxLoss()])
+    x = torch.randn(2, 5, D)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    compiled = torch.compile(lambda x, p: layer(x, RoutingContext(padding_mask=p)), fullgraph=True)
+    y = compiled(x, pad)
+    stats = dict(layer.last_stats)
+    torch.testing.assert_close(y, layer(x, RoutingContext(padding_mask=pad)), rtol=1e-5, atol=1e-6)
+    assert stats["tokens_per_expert"].tolist() == layer.last_stats["tokens_per_expert"].tolist()

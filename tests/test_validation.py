@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from moe_routing import MoELayer, RoutingContext, TopKRouter, routing_context
+from moe_routing.ops import combine, permute
+from moe_routing.routers import ReLURouter
 
 D, F, E = 16, 8, 4
 
@@ -270,3 +272,18 @@ def test_bf16_autocast_output_tracks_fp32_for_bsd_and_td_shapes():
     torch.testing.assert_close(y_td.reshape(2, 5, D), y_bsd, rtol=0, atol=0)
     torch.testing.assert_close(y_bsd, ref, rtol=5e-2, atol=3e-2 * ref.abs().max().item())
 
+
+@pytest.mark.parametrize("router", [TopKRouter(D, E, top_k=1), ReLURouter(D, E, top_k=3)])
+def test_router_instance_with_other_top_k_raises(router):
+    with pytest.raises(ValueError, match=rf"router has top_k={router.top_k} but the layer has top_k=2"):
+        MoELayer(D, F, E, 2, router=router)
+
+
+def test_hint_arguments_are_checked():
+    x, rows = torch.randn(3, 4), torch.tensor([0, 1, 2, 0])
+    for kw, match in ((dict(top_k=0), "top_k"), (dict(top_k=2), "top_k=2 needs N = T\\*K = 6"),
+                      (dict(max_pairs=-1), "max_pairs"), (dict(max_pairs=1.5), "max_pairs")):
+        with pytest.raises(ValueError, match=match):
+            permute(x, rows, "torch", **kw)
+    with pytest.raises(ValueError, match="max_pairs"):
+        combine(torch.randn(4, 2), torch.rand(4), torch.arange(4), torch.tensor([0, 0, 1, 2]), 3, None, "torch", 0)

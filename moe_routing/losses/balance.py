@@ -1,7 +1,9 @@
 """Load-balance losses: switch aux, sequence aux (DeepSeek-V3), global-batch aux, router z-loss.
 
 Each formula is a pure function of a `RoutingDecision` plus masks; the loss classes hold a coefficient and are
-what `MoELayer(losses=[...])` takes. Counts come from `bincount` over routed pairs, never from a one-hot.
+what `MoELayer(losses=[...])` takes. Counts come from ``index_add_`` over routed pairs (padding pairs weighted 0),
+never from a one-hot, a ``bincount`` or a boolean index: those size their output from the data, which syncs
+the host on accelerators and breaks ``torch.compile`` graphs.
 """
 from __future__ import annotations
 
@@ -40,10 +42,12 @@ def _probs(decision: RoutingDecision) -> Tensor:
     return s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
 
 
-def _valid_pairs(decision: RoutingDecision, valid_T: Optional[Tensor]) -> Tensor:
-    if valid_T is None:
-        return decision.expert_N
-    return decision.expert_N[valid_T[decision.token_N]]
+def _pair_counts(decision: RoutingDecision, valid_T: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """[E] routed pairs per expert over non-padding tokens, in ``dtype``."""
+    expert_N = decision.expert_N
+    w_N = (torch.ones_like(expert_N, dtype=dtype) if valid_T is None
+           else valid_T.to(dtype).index_select(0, decision.token_N))
+    return torch.zeros(decision.num_experts, dtype=dtype, device=expert_N.device).index_add_(0, expert_N, w_N)
 
 
 def switch_aux_loss(decision: RoutingDecision, top_k: int, valid_T: Optional[Tensor] = None,
@@ -55,7 +59,7 @@ def switch_aux_loss(decision: RoutingDecision, top_k: int, valid_T: Optional[Ten
     """
     E = decision.num_experts
     p_TE = _probs(decision)
-    counts_E = torch.bincount(_valid_pairs(decision, valid_T), minlength=E).to(p_TE.dtype)
+    counts_E = _pair_counts(decision, valid_T, p_TE.dtype)
     if valid_T is None:
         num_tokens = torch.tensor(float(p_TE.shape[0]), dtype=p_TE.dtype, device=p_TE.device)
         P_E = p_TE.mean(0)

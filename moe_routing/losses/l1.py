@@ -1,6 +1,8 @@
 """ReMoE's load-balanced L1 regulariser on ReLU router outputs."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -8,16 +10,22 @@ from ..decision import RoutingDecision
 from .balance import Loss, LossInputs
 
 
-def relu_l1_loss(decision: RoutingDecision, top_k: int, valid_T=None) -> Tensor:
-    """``(1/T) sum_t sum_e f_e R_te`` with ``f_e = (E / (k T)) #{t : R_te > 0}`` (no gradient through f)."""
+def relu_l1_loss(decision: RoutingDecision, top_k: int, valid_T: Optional[Tensor] = None) -> Tensor:
+    """``(1/T) sum_t sum_e f_e R_te`` with ``f_e = (E / (k T)) #{t : R_te > 0}`` (no gradient through f).
+
+    T and the sums run over non-padding tokens (``valid_T`` [T] bool, True = real token); padding enters as a
+    zero weight rather than a boolean index, which would sync the host. 0 when every token is padding.
+    """
     R_TE = decision.scores_TE
-    if valid_T is not None:
-        R_TE = R_TE[valid_T]
-    T, E = R_TE.shape
-    if T == 0:
-        return R_TE.sum()
-    f_E = (E / (top_k * T)) * (R_TE.detach() > 0).sum(0).to(R_TE.dtype)
-    return (R_TE * f_E).sum() / T
+    E = R_TE.shape[1]
+    if valid_T is None:
+        w_T = torch.ones_like(R_TE[:, 0])
+    else:
+        w_T = valid_T.to(R_TE.dtype)
+    num_T = w_T.sum().clamp_min(1)
+    active_E = ((R_TE.detach() > 0).to(R_TE.dtype) * w_T[:, None]).sum(0)
+    f_E = (E / top_k) * active_E / num_T
+    return ((R_TE * w_T[:, None]).sum(0) * f_E).sum() / num_T
 
 
 class ReLUL1Loss(Loss):

@@ -2,9 +2,9 @@
 from .backend import BACKENDS, resolve_backend
 from .capacity import DROP_POLICIES, capacity_keep_mask, expert_capacity
 from .combine import combine
-from .counts import inverse_order, sort_by_expert
+from .counts import csr_offsets, expert_counts, inverse_order, sort_by_expert
 from .grouped_mm import grouped_mm, grouped_mm_supported
 from .permute import permute
 
 __all__ = ["BACKENDS", "resolve_backend", "DROP_POLICIES", "capacity_keep_mask", "expert_capacity", "combine",
-           "inverse_order", "sort_by_expert", "grouped_mm", "grouped_mm_supported", "permute"]
+           "csr_offsets", "expert_counts", "inverse_order", "sort_by_expert", "grouped_mm", "grouped_mm_supported", "permute"]

@@ -3,47 +3,68 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from .counts import expert_counts
+
 DROP_POLICIES = ("weight", "position")
 
+_INT64_SAFE = 2 ** 62  # products below this cannot overflow int64 in the exact tensor formula
 
-def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """``ceil(capacity_factor * T * k / E)``; T counts non-padding tokens."""
+
+def expert_capacity(capacity_factor: float, num_tokens: Union[int, Tensor], top_k: int, num_experts: int,
+                    max_tokens: Optional[int] = None) -> Union[int, Tensor]:
+    """``ceil(capacity_factor * T * k / E)``; T counts non-padding tokens.
+
+    ``num_tokens`` may be a 0-d integer tensor (the non-padding count, on the device): the capacity is then a
+    0-d int64 tensor computed exactly in integer arithmetic, with no host sync, whenever ``max_tokens`` (an
+    upper bound on T, e.g. the batch's token count) keeps the products inside int64; otherwise the count is
+    read on the host (a sync on accelerators) and an int is returned.
+    """
     if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
         raise TypeError(f"capacity_factor must be a number (or None for dropless), got {capacity_factor!r}")
     if not 0 < capacity_factor < math.inf:
         raise ValueError(f"capacity_factor must be > 0 and finite (or None for dropless), got {capacity_factor!r}")
     # exact decimal arithmetic: in floats 1.1 * 100 / 10 is 11.000000000000002 and would round up to 12
-    return math.ceil(Fraction(str(capacity_factor)) * num_tokens * top_k / num_experts)
+    frac = Fraction(str(capacity_factor))
+    if isinstance(num_tokens, Tensor):
+        if num_tokens.dim() != 0 or num_tokens.is_floating_point():
+            raise ValueError(f"num_tokens must be an int or a 0-d integer tensor, got {num_tokens.dtype} "
+                             f"{tuple(num_tokens.shape)}")
+        num, den = frac.numerator * top_k, frac.denominator * num_experts
+        if max_tokens is not None and num * max_tokens + den < _INT64_SAFE:
+            return (num_tokens.long() * num + (den - 1)) // den  # ceil(num * T / den), exact
+        num_tokens = int(num_tokens)
+    return math.ceil(frac * num_tokens * top_k / num_experts)
 
 
-def capacity_keep_mask(expert_N: Tensor, weight_N: Tensor, num_experts: int, capacity: int,
+def capacity_keep_mask(expert_N: Tensor, weight_N: Tensor, num_experts: int, capacity: Union[int, Tensor],
                        policy: str = "weight", valid_N: Optional[Tensor] = None) -> Tensor:
     """bool [N]: True for pairs that fit their expert's capacity.
 
     ``policy="weight"`` keeps each expert's ``capacity`` highest-weight pairs, ``"position"`` its first
     ``capacity`` pairs in token order. Pairs with ``valid_N`` False (padding) are dropped and use no capacity.
-    Memory is linear in N: ranks come from two stable sorts, no [T, E, C] tensor.
+    Memory is linear in N: ranks come from two stable sorts, no [T, E, C] tensor. No host sync: padding
+    pairs go to an extra bucket E instead of being removed by a boolean index.
     """
     if policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {policy!r}")
-    keep_N = torch.zeros_like(expert_N, dtype=torch.bool)
-    idx = torch.arange(expert_N.numel(), device=expert_N.device)
+    experts = expert_N.long()
     if valid_N is not None:
-        idx = idx[valid_N]
-    experts = expert_N[idx]
+        experts = torch.where(valid_N, experts, torch.full_like(experts, num_experts))
     if policy == "weight":
-        by_weight = torch.sort(weight_N[idx].detach(), descending=True, stable=True).indices
+        by_weight = torch.sort(weight_N.detach(), descending=True, stable=True).indices
         order = by_weight[torch.sort(experts[by_weight], stable=True).indices]
     else:
         order = torch.sort(experts, stable=True).indices
-    counts_E = torch.bincount(experts, minlength=num_experts)
+    counts_E = expert_counts(experts, num_experts + 1)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     sorted_experts = experts[order]
     rank_sorted = torch.arange(order.numel(), device=order.device) - starts_E[sorted_experts]
-    keep_N[idx[order]] = rank_sorted < capacity
-    return keep_N
+    keep_sorted = rank_sorted < capacity
+    if valid_N is not None:
+        keep_sorted = keep_sorted & (sorted_experts < num_experts)
+    return torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted)

@@ -3,7 +3,11 @@
 Two implementations: `torch._grouped_mm` wrapped in our own custom op (its own fake demands bf16, and its
 backward needs a contiguous incoming gradient), and a loop over experts on contiguous slices using ``unbind``
 (indexing ``w[e]`` in a loop makes the backward O(E^2)). The loop covers what ``_grouped_mm`` cannot: float64,
-sizes whose strides are not 16-byte aligned, and devices without support.
+sizes whose strides are not 16-byte aligned, and devices without support. The loop reads ``counts_E`` on the
+host (``tolist``, a sync on accelerators); the ``_grouped_mm`` path does not.
+
+N = 0 rows (every pair dropped, or a ReLU router that selects nothing) works in both: zero-row outputs that
+stay connected to ``w`` so its gradient is a zero tensor rather than None.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ IMPLS = ("auto", "grouped_mm", "loop")
 
 @torch.library.custom_op("moe_routing::grouped_mm", mutates_args=())
 def _grouped_mm_op(x_ND: Tensor, w_EDF: Tensor, offsets_E: Tensor) -> Tensor:
+    if x_ND.shape[0] == 0:  # _grouped_mm rejects some zero-row operands (its backward's dy [0, F] with w^T)
+        return x_ND.new_zeros(0, w_EDF.shape[2])
     return torch._grouped_mm(x_ND, w_EDF, offs=offsets_E)
 
 
@@ -25,6 +31,8 @@ def _(x_ND, w_EDF, offsets_E):
 
 @torch.library.custom_op("moe_routing::grouped_mm_weight_grad", mutates_args=())
 def _weight_grad_op(x_ND: Tensor, dy_NF: Tensor, offsets_E: Tensor) -> Tensor:
+    if x_ND.shape[0] == 0:  # no rows: every expert's weight gradient is zero ("Invalid strides" otherwise)
+        return x_ND.new_zeros(offsets_E.shape[0], x_ND.shape[1], dy_NF.shape[1])
     return torch._grouped_mm(x_ND.t(), dy_NF, offs=offsets_E)
 
 
@@ -64,8 +72,8 @@ def grouped_mm_supported(x_ND: Tensor, w_EDF: Tensor) -> bool:
 def _loop_mm(x_ND: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
     sizes = counts_E.tolist()
     outs = [x_n @ w_e for x_n, w_e, n in zip(x_ND.split(sizes), w_EDF.unbind(0), sizes) if n > 0]
-    if not outs:
-        return x_ND.new_zeros(0, w_EDF.shape[2])
+    if not outs:  # N = 0: a zero-row matmul keeps w (and x) in the graph, so their gradients are zeros
+        return x_ND @ w_EDF[0]
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
