@@ -3,7 +3,8 @@ from .control import aux_losses, moe_layers, routing_context, set_aux_loss_scale
 from .decision import RoutingContext, RoutingDecision
 from .experts import GroupedExperts, SharedExperts
 from .layer import MoELayer
-from .losses import GlobalBatchAuxLoss, Loss, ReLUL1Loss, SequenceAuxLoss, SwitchAuxLoss, ZLoss
+from .losses import (DPSLoss, ERCLoss, GlobalBatchAuxLoss, Loss, ReLUL1Loss, SequenceAuxLoss, SwitchAuxLoss,
+                     ZLoss)
 from .metrics import format_routing_report, routing_report
 from .routers import (ExpertChoiceRouter, HashRouter, HyperRouter, RecurrentRouter, RecurrentRouterGroup, ReLURouter,
                       Router, SinkhornRouter, TopKRouter)
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = ["MoELayer", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
            "ExpertChoiceRouter", "HashRouter", "HyperRouter", "ReLUL1Loss", "Router", "RoutingDecision", "RoutingContext", "routing_context",
            "GroupedExperts", "SharedExperts", "Loss", "SwitchAuxLoss", "SequenceAuxLoss", "GlobalBatchAuxLoss",
-           "ZLoss", "step", "set_aux_loss_scale", "aux_losses", "total_aux_loss", "moe_layers",
+           "ZLoss", "ERCLoss", "DPSLoss", "step", "set_aux_loss_scale", "aux_losses", "total_aux_loss", "moe_layers",
            "routing_report", "format_routing_report"]
