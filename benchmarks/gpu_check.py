@@ -5,9 +5,12 @@
 
 Order: copy-bandwidth ceiling and `torch._grouped_mm` rate first, then per shape: correctness of the Triton
 permute / combine / combine-backward against the torch backend on fresh random inputs (raises on mismatch),
-then median timings (`triton.testing.do_bench` on GPU), GB/s, % of copy bandwidth and ratio vs torch; last the
-full MoE layer fwd+bwd (E=64, k=8, d=4096, ffn=1024) with backend="triton" vs "torch". JSON is rewritten after
-every step, so a run cut short still leaves its results. Needs only torch + triton (no installs).
+then median timings (`triton.testing.do_bench` on GPU), GB/s, % of copy bandwidth and ratio vs torch; then the
+router ops (expert sort/counts and the fused top-k + softmax) per (T, E, K); last the full MoE layer fwd+bwd
+(E=64, k=8, d=4096, ffn=1024) with backend="triton" vs "torch". The CUDA C++ twins (csrc/, built lazily with nvcc)
+are checked and timed in the same rows when `cuda_lib.is_available()`; otherwise the JSON says why not
+(``cuda.reason``) and the run goes on. JSON is rewritten after every step, so a run cut short still leaves its
+results. Needs only torch + triton (no installs).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_routing as mr  # noqa: E402
 from moe_routing.ops import combine, inverse_order, permute, sort_by_expert  # noqa: E402
+from moe_routing.ops import cuda_lib  # noqa: E402
 from moe_routing.ops.combine import _combine_backward  # noqa: E402
+from moe_routing.ops.topk_softmax import topk_softmax  # noqa: E402
 
 
 def bench(fn, device: torch.device, reps: int) -> float:
@@ -56,7 +61,46 @@ def check_close(name: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, at
         raise SystemExit(f"MISMATCH in {name}: {err}")
 
 
-def op_rows(T: int, D: int, E: int, K: int, dtype, device, reps: int) -> list[dict]:
+def check_topk(name: str, logits: torch.Tensor, got, ref) -> None:
+    """Same weights; same ids except where the logits tie exactly (then the values must match)."""
+    (gw, gi), (rw, ri) = got, ref
+    if not torch.equal(gi, ri):
+        differ = gi != ri
+        if not torch.equal(logits.gather(1, gi)[differ], logits.gather(1, ri)[differ]):
+            raise SystemExit(f"MISMATCH in {name}: different experts for non-tied logits")
+    check_close(name, gw, rw, rtol=2e-6, atol=1e-6)
+
+
+def router_rows(T: int, E: int, K: int, device, reps: int, cuda_ok: bool) -> list[dict]:
+    """Expert sort/counts and the fused top-k + softmax: each backend checked against torch, then timed."""
+    logits = torch.randn(T, E, device=device)
+    expert_N = logits.topk(K, dim=-1).indices.reshape(-1)
+    ops = {
+        "sort_by_expert": {"torch": lambda: sort_by_expert(expert_N, E, "torch"),
+                           "triton": lambda: sort_by_expert(expert_N, E, "triton"),
+                           "cuda": lambda: cuda_lib.sort_by_expert(expert_N, E)},
+        "topk_softmax": {b: (lambda b=b: topk_softmax(logits, K, b)) for b in ("torch", "triton", "cuda")},
+    }
+    rows = []
+    for name, fns in ops.items():
+        backends = ["torch", "triton"] + (["cuda"] if cuda_ok else [])
+        ref = fns["torch"]()
+        for b in backends[1:]:
+            got = fns[b]()
+            tag = f"{name} ({b}) T={T} E={E} K={K}"
+            if name == "topk_softmax":
+                check_topk(tag, logits, got, ref)
+            elif not all(torch.equal(g, r) for g, r in zip(got, ref)):
+                raise SystemExit(f"MISMATCH in {tag}: order/counts/offsets differ")
+        row = {"op": name, "T": T, "D": 0, "E": E, "K": K, "dtype": "float32"}
+        for b in backends:
+            row[f"{b}_s"] = bench(fns[b], device, reps)
+        row["speedup_vs_torch"] = row["torch_s"] / row["triton_s"]
+        rows.append(row)
+    return rows
+
+
+def op_rows(T: int, D: int, E: int, K: int, dtype, device, reps: int, cuda_ok: bool = False) -> list[dict]:
     token_N, order_N, row_N = routed_pairs(T, E, K, device)
     x = torch.randn(T, D, dtype=dtype, device=device)
     h = torch.randn(T * K, D, dtype=dtype, device=device)
@@ -70,20 +114,27 @@ def op_rows(T: int, D: int, E: int, K: int, dtype, device, reps: int) -> list[di
         "combine_bwd": (lambda b: _combine_backward(dy, h, w, row_N, token_N, b), (T * K * 3) * D),
     }
     rows = []
+    backends = ["triton"] + (["cuda"] if cuda_ok else [])
     for name, (fn, elems) in ops.items():
-        ref, got = fn("torch"), fn("triton")
-        for i, (g, r) in enumerate(zip(got if isinstance(got, tuple) else (got,),
-                                       ref if isinstance(ref, tuple) else (ref,))):
-            if name == "permute":
-                if not torch.equal(g, r):
-                    raise SystemExit(f"MISMATCH in permute T={T} D={D} E={E} K={K}")
-            else:
-                check_close(f"{name}[{i}] T={T} D={D} E={E} K={K} {dtype}", g.float(), r.float(), **tol)
+        ref = fn("torch")
+        for b in backends:
+            got = fn(b)
+            for i, (g, r) in enumerate(zip(got if isinstance(got, tuple) else (got,),
+                                           ref if isinstance(ref, tuple) else (ref,))):
+                if name == "permute":
+                    if not torch.equal(g, r):
+                        raise SystemExit(f"MISMATCH in permute ({b}) T={T} D={D} E={E} K={K}")
+                else:
+                    check_close(f"{name}[{i}] ({b}) T={T} D={D} E={E} K={K} {dtype}", g.float(), r.float(), **tol)
         nbytes = elems * x.element_size()
         t_torch, t_triton = bench(lambda: fn("torch"), device, reps), bench(lambda: fn("triton"), device, reps)
-        rows.append({"op": name, "T": T, "D": D, "E": E, "K": K, "dtype": str(dtype).split(".")[-1],
-                     "torch_s": t_torch, "triton_s": t_triton, "triton_GBps": nbytes / t_triton / 1e9,
-                     "speedup_vs_torch": t_torch / t_triton})
+        row = {"op": name, "T": T, "D": D, "E": E, "K": K, "dtype": str(dtype).split(".")[-1],
+               "torch_s": t_torch, "triton_s": t_triton, "triton_GBps": nbytes / t_triton / 1e9,
+               "speedup_vs_torch": t_torch / t_triton}
+        if cuda_ok:
+            row["cuda_s"] = bench(lambda: fn("cuda"), device, reps)
+            row["cuda_GBps"] = nbytes / row["cuda_s"] / 1e9
+        rows.append(row)
     return rows
 
 
@@ -119,8 +170,11 @@ def main() -> None:
     offs = (torch.arange(1, Eg + 1, device=device) * rows_g).to(torch.int32)
     t = bench(lambda: torch._grouped_mm(xg, wg, offs=offs), device, reps)
     report["grouped_mm_TFLOPs"] = 2 * Eg * rows_g * Dg * Fg / t / 1e12
+    cuda_ok, why = cuda_lib.is_available() if device.type == "cuda" else (False, "no CUDA device (smoke run)")
+    report["cuda"] = {"available": cuda_ok, "reason": why}
     save()
-    print(f"{name}: copy {report['copy_GBps']:.0f} GB/s, _grouped_mm {report['grouped_mm_TFLOPs']:.1f} TFLOP/s")
+    print(f"{name}: copy {report['copy_GBps']:.0f} GB/s, _grouped_mm {report['grouped_mm_TFLOPs']:.1f} TFLOP/s; "
+          f"cuda twins: {'checked' if cuda_ok else 'skipped'} ({why})")
 
     shapes = [(64, 32, 8, 2), (33, 70, 256, 8)] if args.smoke else \
         [(T, D, E, K) for T in (4096, 16384, 65536) for D in (1024, 4096) for E, K in ((8, 2), (64, 8), (256, 8))]
@@ -128,12 +182,22 @@ def main() -> None:
     print(f"{'op':12} {'T':>6} {'D':>5} {'E':>4} {'K':>2}  {'GB/s':>8} {'%copy':>6} {'vs torch':>8}")
     for T, D, E, K in shapes:
         for dtype in dtypes:
-            for row in op_rows(T, D, E, K, dtype, device, reps):
+            for row in op_rows(T, D, E, K, dtype, device, reps, cuda_ok):
                 report["ops"].append(row)
                 pct = 100 * row["triton_GBps"] / report["copy_GBps"]
                 print(f"{row['op']:12} {T:6d} {D:5d} {E:4d} {K:2d}  {row['triton_GBps']:8.1f} {pct:6.1f} "
                       f"{row['speedup_vs_torch']:8.2f}x")
             save()
+
+    router_shapes = [(64, 8, 2), (33, 256, 8)] if args.smoke else \
+        [(T, E, K) for T in (4096, 16384, 65536) for E, K in ((8, 2), (64, 8), (256, 8))]
+    print(f"{'op':15} {'T':>6} {'E':>4} {'K':>2}  {'torch us':>9} {'triton us':>9} {'cuda us':>9}")
+    for T, E, K in router_shapes:
+        for row in router_rows(T, E, K, device, reps, cuda_ok):
+            report["ops"].append(row)
+            cu = f"{row['cuda_s'] * 1e6:9.1f}" if "cuda_s" in row else f"{'-':>9}"
+            print(f"{row['op']:15} {T:6d} {E:4d} {K:2d}  {row['torch_s'] * 1e6:9.1f} {row['triton_s'] * 1e6:9.1f} {cu}")
+        save()
 
     E, K, D, Fh, T = (8, 2, 32, 16, 48) if args.smoke else (64, 8, 4096, 1024, 16384)
     layer = mr.MoELayer(D, Fh, E, K, device=device, dtype=gdt)

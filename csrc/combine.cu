@@ -99,7 +99,7 @@ __device__ __forceinline__ A block_sum(A v, A* smem /* [32] */) {
   v = warp_sum(v);
   if (lane == 0) smem[warp] = v;
   __syncthreads();
-  v = threadIdx.x < nwarps ? smem[lane] : A(0);
+  v = int(threadIdx.x) < nwarps ? smem[lane] : A(0);
   if (warp == 0) v = warp_sum(v);
   __syncthreads();  // smem reusable by the next pair
   return v;

@@ -1,4 +1,5 @@
-// moe_ops.h — C ABI of the CUDA C++ twins of the Triton dispatch kernels (kernels/permute.py, kernels/combine.py).
+// moe_ops.h — C ABI of the CUDA C++ twins of the Triton kernels (kernels/permute.py, combine.py, counts.py,
+// topk_softmax.py).
 //
 // Raw device pointers, sizes, a dtype code and a cudaStream_t; no torch headers. Every entry point launches on
 // `stream`, does not synchronize, and returns a cudaError_t as int (0 = cudaSuccess; cudaErrorInvalidValue for a
@@ -47,6 +48,27 @@ MOE_API int moe_combine_fwd(const void* h, const void* weight, const int64_t* ro
 MOE_API int moe_combine_bwd(const void* dy, const void* h, const void* weight, const int64_t* row,
                             const int64_t* token, void* d_h, void* d_weight, int64_t N, int64_t D, int dtype,
                             cudaStream_t stream);
+
+// Expert counts, exclusive offsets and the stable expert-sorted order of N routed pairs (atomic-free,
+// deterministic):
+//   counts[e]  = #{p : expert[p] == e}                              e in [0, E)
+//   offsets[e] = counts[0] + ... + counts[e-1]                      e in [0, E]  (offsets[0] = 0, offsets[E] = N)
+//   order[offsets[e] + r] = the r-th pair (in pair order) with expert e
+// expert: [N]; counts: [E]; offsets: [E+1]; order: [N]; workspace: moe_expert_counts_workspace(N, E) bytes of
+// device memory, 16-byte aligned (scratch, contents undefined on return). Pairs with an expert outside [0, E)
+// are skipped (not counted, not placed). N = 0 zeroes counts and offsets without a launch.
+MOE_API int64_t moe_expert_counts_workspace(int64_t N, int64_t E);  // -1 for N < 0 or E < 1
+MOE_API int moe_expert_counts(const int64_t* expert, int64_t N, int64_t E, int64_t* counts, int64_t* offsets,
+                              int64_t* order, void* workspace, cudaStream_t stream);
+
+// Fused router top-k + softmax over logits [T, E] (dtype code as above), 1 <= K <= E:
+//   experts[t, :] = the K largest logits' ids in the order of a stable descending sort (NaN first, ties to the
+//                   lowest id): always K distinct ids in [0, E), also for rows with NaN or -inf;
+//   weights[t, j] = softmax over the K chosen logits (softmax_first == 0, or softmax_first && normalize), or the
+//                   softmax over all E at experts[t, j] (softmax_first && !normalize). A row with a NaN gets NaN.
+// weights: [T, K] float32 (float64 for float64 logits); experts: [T, K] int64.
+MOE_API int moe_topk_softmax_fwd(const void* logits, void* weights, int64_t* experts, int64_t T, int64_t E,
+                                 int64_t K, int softmax_first, int normalize, int dtype, cudaStream_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -22,8 +22,10 @@ def _configs(rows: str) -> list:
             for n, d, w in ((16, 1024, 4), (4, 1024, 4), (8, 512, 4), (32, 256, 8), (1, 2048, 8))]
 
 
-@autotune(_configs("BLOCK_T"), key=["D", "max_pairs", "HAS_W"])
-@triton.jit
+# max_pairs is a runtime loop bound: not an autotune key (a key re-tunes for every new value) and not
+# specialised (Triton would otherwise compile separate variants for max_pairs == 1 and multiples of 16).
+@autotune(_configs("BLOCK_T"), key=["D", "HAS_W"])
+@triton.jit(do_not_specialize=["max_pairs"])
 def _combine_kernel(h_ptr, w_ptr, row_ptr, offs_ptr, y_ptr, T, D, max_pairs,
                     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)

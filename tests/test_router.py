@@ -228,7 +228,7 @@ def test_bias_update_accumulates_over_micro_batches_then_steps():
     for x in xs:
         expected_load += torch.bincount(_choices(layer, x).reshape(-1), minlength=E)
         layer(x)
-    torch.testing.assert_close(layer.router.load_accum, expected_load.float(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.router.load_accum, expected_load, rtol=0, atol=0)
     assert layer.router.expert_bias.abs().max() == 0  # nothing changes before step()
     mr.step(model)
     mean = expected_load.double().mean()
@@ -310,7 +310,7 @@ def test_stats_exclude_padding():
     pad[0, 2:] = True
     layer(x, RoutingContext(padding_mask=pad))
     expected = torch.bincount(_choices(layer, x).reshape(-1, 2)[~pad.reshape(-1)].reshape(-1), minlength=E)
-    torch.testing.assert_close(layer.router.load_accum, expected.float(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.router.load_accum, expected, rtol=0, atol=0)
     assert layer.router.load_accum.sum() == 10 * 2
 
 
@@ -323,7 +323,7 @@ def test_non_reentrant_checkpoint_does_not_double_count():
     (y ** 2).sum().backward()
     assert len(calls) == 2  # the layer really was recomputed in backward
     expected = torch.bincount(_choices(layer, x.detach()).reshape(-1), minlength=E)
-    torch.testing.assert_close(layer.router.load_accum, expected.float(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.router.load_accum, expected, rtol=0, atol=0)
     assert layer.router.load_accum.sum() == 20 * 2
     assert x.grad is not None and layer.router.weight.grad.abs().max() > 0
 
@@ -397,13 +397,13 @@ def test_router_state_stays_float32_when_model_is_cast_down(cast):
     r = model[0].router
     with torch.no_grad():
         r.expert_bias.copy_(torch.linspace(-0.5013, 0.7007, E))
-        r.load_accum.fill_(3.0)
+        r.load_accum.fill_(3)
     before = {n: t.clone() for n, t in list(r.named_parameters()) + list(r.named_buffers())}
     model = model.to(torch.bfloat16) if cast == "to_bf16" else model.half()
     low = torch.bfloat16 if cast == "to_bf16" else torch.float16
     assert model[0].experts.w_up.dtype == low
     for name, t in list(r.named_parameters()) + list(r.named_buffers()):
-        assert t.dtype == torch.float32, name
+        assert t.dtype == (torch.int64 if name == "load_accum" else torch.float32), name
         torch.testing.assert_close(t, before[name], rtol=0, atol=0, msg=name)  # values not rounded
     # the cast model runs on low-precision input and the router still computes in float32
     x = torch.randn(8, D, dtype=low)
@@ -418,7 +418,7 @@ def test_router_follows_cast_to_float64():
     model.double()
     r = model[0].router
     assert r.weight.dtype == torch.float64
-    assert r.expert_bias.dtype == torch.float64 and r.load_accum.dtype == torch.float64
+    assert r.expert_bias.dtype == torch.float64 and r.load_accum.dtype == torch.int64
     assert r.math_dtype == torch.float64
     assert model[0].experts.w_down.dtype == torch.float64
     x = torch.randn(5, D, dtype=torch.float64)

@@ -136,8 +136,10 @@ def test_gpu_check_smoke(tmp_path):
                           text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check_smoke.json").read_text())
-    assert {r["op"] for r in report["ops"]} == {"permute", "combine", "combine_bwd"}
+    assert {r["op"] for r in report["ops"]} == {"permute", "combine", "combine_bwd", "sort_by_expert",
+                                                "topk_softmax"}
     assert report["layer"]["E"] == 8 and report["copy_GBps"] > 0
+    assert report["cuda"]["available"] is False and report["cuda"]["reason"]  # no GPU: skipped, with the reason
 
 
 @pytest.mark.parametrize("N,E", [(0, 4), (1, 4), (300, 8), (1000, 256), (77, 3)])
@@ -167,3 +169,18 @@ def test_fused_topk_softmax(softmax_first, normalize, T, E, K):
         ref_w = ref_w.softmax(-1)
     assert torch.equal(experts, ref_i)
     torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
+
+
+def test_combine_autotune_key_excludes_max_pairs():
+    """max_pairs varies per batch (variable-k routing): it must neither be an autotune key (re-tunes per value)
+    nor specialised (a recompile for 1 / multiples of 16). Checked on the GPU-mode objects, in a subprocess
+    without the interpreter (no GPU needed: nothing compiles at import)."""
+    import subprocess
+    import sys
+
+    code = ("from moe_routing._kernels import combine as c; k = c._combine_kernel; "
+            "print(sorted(k.keys), [p.do_not_specialize for p in k.fn.params if p.name == 'max_pairs'])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[0] == "['D', 'HAS_W'] [True]"

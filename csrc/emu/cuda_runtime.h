@@ -5,21 +5,24 @@
 // used unchanged except that `kernel<<<grid, block, smem, stream>>>(args)` is rewritten to
 // `moe_emu::launch(kernel, grid, block, smem, stream, args)` (emu_build.py does that textually).
 //
-// Model: a launch runs its blocks one after another; each block is blockDim.x*y*z OS threads (std::thread) that
-// share the kernel's `__shared__` arrays (mapped to function-local statics), meet at `__syncthreads()` (a block
-// barrier) and exchange values in `__shfl_down_sync` through a per-warp buffer and barrier (warp = 32
-// consecutive linear thread ids, as on the GPU). Launch limits are checked like the runtime does (block <= 1024
-// threads, grid.x in [1, 2^31-1], grid.y/z <= 65535) and reported through cudaGetLastError. Everything runs
-// synchronously on the host; pointers are host pointers. What this cannot show: timing, coalescing, the real
-// hardware's half/bfloat16 conversion instructions, real memory-model or scheduling effects.
+// Model: a launch runs its blocks one after another; each block is blockDim.x*y*z OS threads (pooled std::threads)
+// that share the kernel's `__shared__` arrays (mapped to function-local statics), meet at `__syncthreads()` (a
+// block barrier) and exchange values in `__shfl_down_sync` / `__shfl_xor_sync` through a per-warp buffer and
+// barrier (warp = 32 consecutive linear thread ids, as on the GPU). Launch limits are checked like the runtime
+// does (block <= 1024 threads, grid.x in [1, 2^31-1], grid.y/z <= 65535) and reported through cudaGetLastError.
+// Everything runs synchronously on the host; pointers are host pointers. What this cannot show: timing,
+// coalescing, the real hardware's half/bfloat16 conversion instructions, real memory-model or scheduling effects.
 #ifndef MOE_EMU_CUDA_RUNTIME_H_
 #define MOE_EMU_CUDA_RUNTIME_H_
 
 #include <barrier>
 #include <cstddef>
 #include <cstdint>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -79,6 +82,56 @@ inline thread_local int linear_tid = 0;
 inline thread_local cudaError_t last_error = cudaSuccess;
 inline long long launches = 0;  // kernel launches so far (tests check that empty work launches nothing)
 
+// Worker threads kept across launches: creating a block's threads anew for every launch dominated the run time
+// (especially under ASan). Launches are serialised; worker i plays linear thread i of the current block.
+class Pool {
+ public:
+  void run(unsigned n, const std::function<void(unsigned)>& job) {
+    std::lock_guard<std::mutex> one_launch(launch_m_);
+    std::unique_lock<std::mutex> lk(m_);
+    while (workers_.size() < n) {
+      const unsigned id = unsigned(workers_.size());
+      workers_.emplace_back([this, id] { loop(id); });
+    }
+    job_ = &job;
+    active_ = n;
+    pending_ = n;
+    ++gen_;
+    wake_.notify_all();
+    done_.wait(lk, [&] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void loop(unsigned id) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      wake_.wait(lk, [&] { return gen_ != seen; });
+      seen = gen_;
+      if (id >= active_) continue;  // not part of this launch's block
+      const std::function<void(unsigned)>* job = job_;
+      lk.unlock();
+      (*job)(id);
+      lk.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex launch_m_, m_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  uint64_t gen_ = 0;
+  unsigned active_ = 0, pending_ = 0;
+};
+
+// Never destroyed: its workers stay blocked in wait() until the process exits.
+inline Pool& pool() {
+  static Pool* p = new Pool;
+  return *p;
+}
+
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t /*smem*/, cudaStream_t /*stream*/, A&&... args) {
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
@@ -93,25 +146,21 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t /*smem*/, cudaSt
   for (unsigned long long w = 0; w < threads; w += 32) {
     blk.warps.emplace_back(new Warp(std::ptrdiff_t(threads - w < 32 ? threads - w : 32)));
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (unsigned long long t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      current_block = &blk;
-      linear_tid = int(t);
-      blockDim = block;
-      gridDim = grid;
-      threadIdx = uint3{unsigned(t % block.x), unsigned(t / block.x % block.y), unsigned(t / block.x / block.y)};
-      for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-          for (unsigned bx = 0; bx < grid.x; ++bx) {
-            blockIdx = uint3{bx, by, bz};
-            std::apply(kernel, params);
-            blk.bar.arrive_and_wait();  // the next block starts only when this one is done (shared memory reuse)
-          }
-    });
-  }
-  for (auto& th : pool) th.join();
+  const std::function<void(unsigned)> job = [&](unsigned t) {
+    current_block = &blk;
+    linear_tid = int(t);
+    blockDim = block;
+    gridDim = grid;
+    threadIdx = uint3{unsigned(t % block.x), unsigned(t / block.x % block.y), unsigned(t / block.x / block.y)};
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          blockIdx = uint3{bx, by, bz};
+          std::apply(kernel, params);
+          blk.bar.arrive_and_wait();  // the next block starts only when this one is done (shared memory reuse)
+        }
+  };
+  pool().run(unsigned(threads), job);
 }
 
 }  // namespace moe_emu
@@ -128,6 +177,22 @@ V __shfl_down_sync(unsigned int mask, V v, unsigned int delta) {
   w.bar.arrive_and_wait();
   V out = v;
   if (lane + int(delta) < w.size) std::memcpy(&out, w.buf[lane + delta], sizeof(V));
+  w.bar.arrive_and_wait();
+  return out;
+}
+
+// Butterfly exchange: lane l gets lane (l ^ mask)'s value (its own when that lane is past a partial warp).
+template <typename V>
+V __shfl_xor_sync(unsigned int mask, V v, int lane_mask) {
+  static_assert(sizeof(V) <= 16, "shuffle of a value wider than 16 bytes");
+  moe_emu::Warp& w = *moe_emu::current_block->warps[moe_emu::linear_tid / 32];
+  const int lane = moe_emu::linear_tid % 32;
+  (void)mask;
+  std::memcpy(w.buf[lane], &v, sizeof(V));
+  w.bar.arrive_and_wait();
+  V out = v;
+  const int src = lane ^ lane_mask;
+  if (src < w.size) std::memcpy(&out, w.buf[src], sizeof(V));
   w.bar.arrive_and_wait();
   return out;
 }

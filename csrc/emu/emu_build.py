@@ -6,7 +6,7 @@ Copies each ``csrc/<name>.cu`` to ``DIR/<name>.cpp`` with every ``kernel<<<grid,
 rewritten to ``moe_emu::launch(kernel, grid, block, smem, stream, args)`` (nothing else changes), then compiles
 with g++ (``$CXX``) against the stand-in CUDA headers here:
 
-- ``libmoe_ops_emu.so``: the three ABI functions on host pointers, plus ``moe_emu_launches()`` (kernel launches
+- ``libmoe_ops_emu.so``: the ABI functions (moe_ops.h) on host pointers, plus ``moe_emu_launches()`` (kernel launches
   so far), for ctypes (tests/test_csrc.py compares it with the torch reference ops);
 - ``emu_check`` (``--check``): ``emu_check.cpp``'s driver, built with AddressSanitizer and UBSan (exact-size
   buffers, misaligned views): any out-of-bounds access, misaligned vector access or wrong value fails it.
@@ -23,7 +23,7 @@ from typing import Optional
 
 EMU = Path(__file__).resolve().parent
 CSRC = EMU.parent
-SOURCES = ("permute.cu", "combine.cu")
+SOURCES = ("permute.cu", "combine.cu", "counts.cu", "topk_softmax.cu")
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:\s*<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 CXXFLAGS = ["-std=c++20", "-pthread", "-fPIC", "-Wall", "-Wno-unknown-pragmas", f"-I{EMU}", f"-I{CSRC}"]
 SANITIZE = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
@@ -57,11 +57,18 @@ def translate(out_dir: Path) -> list[Path]:
     return paths
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    log.write_text("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise EmuBuildError(f"emulator build failed (exit {proc.returncode}); log: {log}\n{proc.stderr[-4000:]}")
+def _run_all(jobs: list[tuple[list[str], Path]]) -> None:
+    """Run the compiles concurrently (the sanitizer build dominates; the library build overlaps it)."""
+    procs = [(cmd, log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+             for cmd, log in jobs]
+    errors = []
+    for cmd, log, proc in procs:
+        out, _ = proc.communicate()
+        log.write_text("$ " + " ".join(cmd) + "\n" + out)
+        if proc.returncode != 0:
+            errors.append(f"emulator build failed (exit {proc.returncode}); log: {log}\n{out[-4000:]}")
+    if errors:
+        raise EmuBuildError("\n".join(errors))
 
 
 def build(out_dir: Path, check: bool = False, cxx: Optional[str] = None) -> dict[str, Path]:
@@ -71,12 +78,13 @@ def build(out_dir: Path, check: bool = False, cxx: Optional[str] = None) -> dict
     out_dir = Path(out_dir)
     srcs = [str(p) for p in translate(out_dir)]
     built = {"lib": out_dir / "libmoe_ops_emu.so"}
-    _run([cxx, *CXXFLAGS, "-O2", "-shared", *srcs, str(EMU / "emu_abi.cpp"), "-o", str(built["lib"])],
-         out_dir / "build_lib.log")
+    jobs = [([cxx, *CXXFLAGS, "-O2", "-shared", *srcs, str(EMU / "emu_abi.cpp"), "-o", str(built["lib"])],
+             out_dir / "build_lib.log")]
     if check:
         built["check"] = out_dir / "emu_check"
-        _run([cxx, *CXXFLAGS, *SANITIZE, *srcs, str(EMU / "emu_abi.cpp"), str(EMU / "emu_check.cpp"),
-              "-o", str(built["check"])], out_dir / "build_check.log")
+        jobs.append(([cxx, *CXXFLAGS, *SANITIZE, *srcs, str(EMU / "emu_abi.cpp"), str(EMU / "emu_check.cpp"),
+                      "-o", str(built["check"])], out_dir / "build_check.log"))
+    _run_all(jobs)
     return built
 
 

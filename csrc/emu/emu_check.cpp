@@ -240,9 +240,168 @@ void abi_edges() {
   expect(dw[0] == 0 && dw[1] == 0 && dw[2] == 0 && moe_emu_launches() == before, "combine_bwd D=0 zeroes d_weight");
 }
 
+// ---- expert counts: counts, exclusive offsets, stable order vs a host loop ---------------------------------------
+void counts_case(int64_t N, int64_t E, int64_t used, int bad) {
+  const std::string tag = "counts N=" + std::to_string(N) + " E=" + std::to_string(E) + " used=" +
+                          std::to_string(used) + " bad=" + std::to_string(bad);
+  std::vector<int64_t> ex(static_cast<size_t>(N));
+  for (auto& v : ex) v = std::uniform_int_distribution<int64_t>(0, used - 1)(rng);
+  for (int i = 0; i < bad && N > 0; ++i)
+    ex[size_t(std::uniform_int_distribution<int64_t>(0, N - 1)(rng))] = i % 2 ? E : -1;
+  Buf<int64_t> expert(size_t(N), 0), counts(size_t(E), 0), offsets(size_t(E + 1), 0), order(size_t(N), 0);
+  fill_index(expert, ex);
+  for (int64_t e = 0; e < E; ++e) counts[size_t(e)] = -7;
+  for (int64_t e = 0; e <= E; ++e) offsets[size_t(e)] = -7;
+  for (int64_t p = 0; p < N; ++p) order[size_t(p)] = -7;
+  const int64_t ws = moe_expert_counts_workspace(N, E);
+  expect(ws >= 0, tag + " workspace size");
+  Buf<unsigned char> work(size_t(ws), 0);
+  const int st = moe_expert_counts(expert.ptr(), N, E, counts.ptr(), offsets.ptr(), order.ptr(), work.ptr(), nullptr);
+  expect(st == 0, tag + " status " + std::to_string(st));
+  std::vector<int64_t> ref_order;
+  bool ok = true;
+  int64_t run = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    ok = ok && offsets[size_t(e)] == run;
+    int64_t c = 0;
+    for (int64_t p = 0; p < N; ++p)
+      if (ex[size_t(p)] == e) {
+        ref_order.push_back(p);
+        ++c;
+      }
+    ok = ok && counts[size_t(e)] == c;
+    run += c;
+  }
+  ok = ok && offsets[size_t(E)] == run;
+  expect(ok, tag + " counts and offsets");
+  ok = true;
+  for (size_t i = 0; i < ref_order.size(); ++i) ok = ok && order[i] == ref_order[i];
+  for (int64_t p = int64_t(ref_order.size()); p < N; ++p) ok = ok && order[size_t(p)] == -7;  // skipped ids
+  expect(ok, tag + " stable order");
+}
+
+void counts_edges() {
+  int64_t c[3] = {5, 5, 5}, o[4] = {5, 5, 5, 5}, idx[1] = {0};
+  const long long before = moe_emu_launches();
+  expect(moe_expert_counts(nullptr, 0, 3, c, o, nullptr, nullptr, nullptr) == 0, "counts N=0 ok");
+  expect(c[0] == 0 && c[2] == 0 && o[0] == 0 && o[3] == 0, "counts N=0 zeroes counts and offsets");
+  const int bad = int(cudaErrorInvalidValue);
+  expect(moe_expert_counts(idx, 1, 0, c, o, idx, c, nullptr) == bad, "counts E=0");
+  expect(moe_expert_counts(idx, -1, 3, c, o, idx, c, nullptr) == bad, "counts N<0");
+  expect(moe_expert_counts(idx, 1, 3, nullptr, o, idx, c, nullptr) == bad, "counts null counts");
+  expect(moe_expert_counts(idx, 1, 3, c, o, idx, nullptr, nullptr) == bad, "counts null workspace");
+  expect(moe_expert_counts_workspace(-1, 3) == -1 && moe_expert_counts_workspace(4, 0) == -1, "workspace bad args");
+  expect(moe_emu_launches() == before, "counts: empty or rejected calls launch nothing");
+}
+
+// ---- fused top-k softmax vs a float64 host reference ---------------------------------------------------------
+bool ranks_before_d(double a, int64_t ai, double b, int64_t bi) {
+  const bool an = std::isnan(a), bn = std::isnan(b);
+  if (an || bn) return an && (!bn || ai < bi);
+  return a > b || (a == b && ai < bi);
+}
+
+template <typename E_>
+void topk_case(int64_t T, int64_t E, int64_t K, int sf, int norm) {
+  using W = typename std::conditional<std::is_same<E_, double>::value, double, float>::type;
+  const std::string tag = std::string("topk ") + Info<E_>::name + " T=" + std::to_string(T) + " E=" +
+                          std::to_string(E) + " K=" + std::to_string(K) + " sf=" + std::to_string(sf) +
+                          " norm=" + std::to_string(norm);
+  const double nan = std::nan(""), inf = INFINITY;
+  Buf<E_> logits(size_t(T * E), 0);
+  Buf<W> w(size_t(T * K), 0);
+  Buf<int64_t> ids(size_t(T * K), 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < E; ++e) {
+      double v = 3 * uniform();
+      if (t == 0) v = nan;                          // all NaN
+      if (t == 1 && e % 3 == 1) v = nan;            // some NaN
+      if (t == 2) v = -inf;                         // all -inf
+      if (t == 3) v = double(e % 2);                // ties
+      if (t == 4 && e % 4 == 2) v = inf;            // +inf entries
+      if (t == 5 && e > 0) v = -inf;                // one finite entry, the rest -inf
+      logits[size_t(t * E + e)] = from_d<E_>(v);
+    }
+  for (int64_t i = 0; i < T * K; ++i) {
+    w[size_t(i)] = W(1e30);
+    ids[size_t(i)] = -7;
+  }
+  const int st = moe_topk_softmax_fwd(logits.ptr(), w.ptr(), ids.ptr(), T, E, K, sf, norm, Info<E_>::code, nullptr);
+  expect(st == 0, tag + " status " + std::to_string(st));
+  const double tol = std::is_same<W, double>::value ? 1e-13 : 2e-6;
+  bool ok = true;
+  for (int64_t t = 0; t < T && ok; ++t) {
+    std::vector<double> x(static_cast<size_t>(E));
+    std::vector<int64_t> order(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) {
+      x[size_t(e)] = to_d(logits[size_t(t * E + e)]);
+      order[size_t(e)] = e;
+    }
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return ranks_before_d(x[size_t(a)], a, x[size_t(b)], b); });
+    const bool full = sf && !norm;
+    const double top = x[size_t(order[0])];
+    double den = 0;
+    bool any_nan = std::isnan(top) || std::isinf(top);  // inf - inf: NaN, as torch's softmax
+    for (int64_t i = 0; i < (full ? E : K); ++i) den += std::exp(x[size_t(full ? i : order[size_t(i)])] - top);
+    for (int64_t j = 0; j < K && ok; ++j) {
+      const int64_t got_i = ids[size_t(t * K + j)];
+      const double got_w = double(w[size_t(t * K + j)]);
+      ok = got_i == order[size_t(j)];
+      if (!ok) fail(tag + " id[" + std::to_string(t) + "," + std::to_string(j) + "] = " + std::to_string(got_i) +
+                    " want " + std::to_string(order[size_t(j)]));
+      const double ref_w = std::exp(x[size_t(got_i < 0 || got_i >= E ? 0 : got_i)] - top) / den;
+      if (ok) ok = any_nan ? std::isnan(got_w) : close(got_w, ref_w, tol);
+      if (!ok) fail(tag + " w[" + std::to_string(t) + "," + std::to_string(j) + "] = " + fmt(got_w) + " want " +
+                    (any_nan ? std::string("nan") : fmt(ref_w)));
+    }
+  }
+  expect(ok, tag + " values");
+}
+
+void topk_edges() {
+  float l[4] = {0, 1, 2, 3}, w[4];
+  int64_t i[4];
+  const long long before = moe_emu_launches();
+  const int bad = int(cudaErrorInvalidValue);
+  expect(moe_topk_softmax_fwd(nullptr, nullptr, nullptr, 0, 4, 2, 0, 0, MOE_FP32, nullptr) == 0, "topk T=0 ok");
+  expect(moe_topk_softmax_fwd(l, w, i, 1, 4, 0, 0, 0, MOE_FP32, nullptr) == bad, "topk K=0");
+  expect(moe_topk_softmax_fwd(l, w, i, 1, 4, 5, 0, 0, MOE_FP32, nullptr) == bad, "topk K>E");
+  expect(moe_topk_softmax_fwd(l, w, i, 1, 0, 1, 0, 0, MOE_FP32, nullptr) == bad, "topk E=0");
+  expect(moe_topk_softmax_fwd(nullptr, w, i, 1, 4, 1, 0, 0, MOE_FP32, nullptr) == bad, "topk null logits");
+  expect(moe_topk_softmax_fwd(l, w, i, 1, 4, 1, 0, 0, 7, nullptr) == bad, "topk bad dtype");
+  expect(moe_emu_launches() == before, "topk: empty or rejected calls launch nothing");
+}
+
 }  // namespace
 
 int main() {
+  counts_edges();
+  topk_edges();
+  // counts: one pair; a block boundary (255/256/257); many experts with zero pairs; ids outside [0, E) skipped;
+  // several blocks of one expert
+  counts_case(1, 1, 1, 0);
+  counts_case(255, 3, 2, 0);
+  counts_case(256, 64, 20, 0);
+  counts_case(257, 8, 8, 0);
+  counts_case(1000, 300, 150, 6);
+  counts_case(600, 1, 1, 0);
+  // top-k: E below / above a warp (lanes with no or several experts), K = 1, 3, E; seven rows of which six are
+  // special (NaN, -inf, ties, +inf) and one more than a block's four tokens
+  for (int64_t E : {1, 5, 33, 70})
+    for (int64_t K : {int64_t(1), std::min<int64_t>(3, E), E})
+      for (int mode = 0; mode < 3; ++mode) {
+        const int sf = mode > 0, norm = mode == 2;
+        topk_case<float>(7, E, K, sf, norm);
+        if (K != 1) continue;
+        topk_case<__half>(7, E, K, sf, norm);
+        topk_case<__nv_bfloat16>(7, E, K, sf, norm);
+        topk_case<double>(7, E, K, sf, norm);
+      }
+  topk_case<double>(9, 37, 4, 0, 0);
+  topk_case<__nv_bfloat16>(5, 64, 8, 1, 0);
+  topk_case<__half>(6, 12, 5, 1, 1);
+
   abi_edges();
   // D covers: 1 (scalar), 3/5 (odd), 4/8/16 (every vector width), 36, 130 (2 mod 8), 520 (> 256 threads' worth of
   // vectors for fp64, several rows per block for the others), 1030 (> 256 packs at VEC 2). shift 1 = misaligned view.

@@ -21,10 +21,15 @@ def sort_by_expert(expert_N: Tensor, num_experts: int, backend: str = "torch") -
         counts_E: int64 [E] pairs per expert.
         offsets_E: int32 [E] end offset of each expert's rows (inclusive prefix sum), as grouped GEMMs take.
     """
-    if resolve_backend(backend, expert_N.device) == "triton":
+    resolved = resolve_backend(backend, expert_N.device)
+    if resolved == "triton":
         from .._kernels import counts as kernel
 
         return kernel.sort_by_expert(expert_N, num_experts)
+    if resolved == "cuda":
+        from . import cuda_lib
+
+        return cuda_lib.sort_by_expert(expert_N, num_experts)
     order_N = torch.sort(expert_N, stable=True).indices
     counts_E = expert_counts(expert_N, num_experts)
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)

@@ -4,11 +4,14 @@ Importing this module builds nothing and needs no CUDA. The first call that need
 `is_available`) builds ``libmoe_ops.so`` for the current device's arch into the cache (see
 ``moe_routing.build_cuda``) and loads it with ctypes. Wrappers check device, dtype, contiguity and shapes
 (ValueError/TypeError naming the argument) before anything else, pass ``data_ptr()``s and the current CUDA
-stream, and have the semantics of ``kernels/permute.py`` / ``kernels/combine.py``:
+stream, and have the semantics of the Triton kernels (``kernels/``):
 
     permute(x_TD, rows_N)                                   -> x_ND = x_TD[rows_N]
     combine(h_ND, weight_N | None, row_N, token_offsets_T1) -> y_TD[t] = sum_p w[p] * h_ND[row_N[p]]
     combine_backward(grad_TD, h_ND, weight_N, row_N, token_N) -> (d_h_ND, d_weight_N)
+    expert_counts(expert_N, num_experts)                    -> (order_N, counts_E, offsets_E1 exclusive)
+    sort_by_expert(expert_N, num_experts)                   -> (order_N, counts_E, offsets_E int32 end offsets)
+    topk_softmax(logits_TE, k, softmax_before_topk, normalize) -> (weights_TK, experts_TK)
 
 Data: float32/float16/bfloat16/float64. Weights are passed as float32 (float64 for float64 data) and d_weight
 comes back in ``weight_N``'s dtype. Indices: int32 or int64 (converted to int64). With ``MOE_ROUTING_DEBUG=1``
@@ -67,14 +70,27 @@ def _load() -> ctypes.CDLL:
         except OSError as e:
             _unavailable = f"cuda backend: loading the CUDA library failed: {e}"
             raise CudaLibUnavailable(_unavailable) from e
-        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.moe_permute_fwd.argtypes = [ptr, ptr, ptr, i64, i64, i32, ptr]
-        lib.moe_combine_fwd.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i32, ptr]
-        lib.moe_combine_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32, ptr]
-        for fn in (lib.moe_permute_fwd, lib.moe_combine_fwd, lib.moe_combine_bwd):
-            fn.restype = ctypes.c_int
-        _lib = lib
+        _lib = declare_abi(lib)
         return lib
+
+
+def declare_abi(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Set the ctypes signatures of the ``csrc/moe_ops.h`` functions on ``lib`` (also used for the CPU
+    emulator's build of the same sources in tests)."""
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    signatures = {
+        "moe_permute_fwd": [ptr, ptr, ptr, i64, i64, i32, ptr],
+        "moe_combine_fwd": [ptr, ptr, ptr, ptr, ptr, i64, i64, i32, ptr],
+        "moe_combine_bwd": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32, ptr],
+        "moe_expert_counts": [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr],
+        "moe_topk_softmax_fwd": [ptr, ptr, ptr, i64, i64, i64, i32, i32, i32, ptr],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    lib.moe_expert_counts_workspace.argtypes = [i64, i64]
+    lib.moe_expert_counts_workspace.restype = i64
+    return lib
 
 
 def is_available() -> tuple[bool, str]:
@@ -230,3 +246,68 @@ def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.
                 grad_TD.data_ptr(), h_ND.data_ptr(), w.data_ptr(), row_N.data_ptr(), token_N.data_ptr(),
                 d_h.data_ptr(), d_w.data_ptr(), N, D, _DTYPE_CODE[h_ND.dtype], _stream(dev)))
     return d_h, d_w.to(weight_N.dtype)
+
+
+def _num_experts(num_experts) -> int:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    return num_experts
+
+
+def expert_counts(expert_N: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order_N int64, counts_E int64, offsets_E1 int64) for int32/int64 CUDA ``expert_N`` [N]: pairs per
+    expert, exclusive offsets (``offsets_E1[0] = 0``, ``offsets_E1[E] = N``) and the stable expert-sorted order
+    (``order_N[offsets_E1[e] + r]`` is the r-th pair of expert e). Atomic-free and deterministic."""
+    E = _num_experts(num_experts)
+    expert_N = _tensor("expert_N", expert_N)
+    if expert_N.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"expert_N must be an int32/int64 tensor, got {expert_N.dtype}")
+    if expert_N.dim() != 1:
+        raise ValueError(f"expert_N must be 1-D [N], got shape {tuple(expert_N.shape)}")
+    dev = _on_device("expert_N", expert_N, None)
+    N = expert_N.shape[0]
+    expert_N = _index("expert_N", expert_N, N, E, dev)
+    counts = torch.empty(E, dtype=torch.int64, device=dev)
+    offsets = torch.empty(E + 1, dtype=torch.int64, device=dev)
+    order = torch.empty(N, dtype=torch.int64, device=dev)
+    lib = require()
+    work = torch.empty(max(int(lib.moe_expert_counts_workspace(N, E)), 0), dtype=torch.uint8, device=dev)
+    with torch.cuda.device(dev):
+        _check("moe_expert_counts", lib.moe_expert_counts(
+            expert_N.data_ptr() if N else None, N, E, counts.data_ptr(), offsets.data_ptr(),
+            order.data_ptr() if N else None, work.data_ptr() if work.numel() else None, _stream(dev)))
+    return order, counts, offsets
+
+
+def sort_by_expert(expert_N: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_routing.ops.counts.sort_by_expert`'s contract: (order_N int64, counts_E int64, offsets_E int32
+    end offsets), from `expert_counts`."""
+    order, counts, offsets = expert_counts(expert_N, num_experts)
+    return order, counts, offsets[1:].to(torch.int32)
+
+
+def topk_softmax(logits_TE: torch.Tensor, k: int, softmax_before_topk: bool = False,
+                 normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights_TK float32 (float64 for float64 logits), experts_TK int64) for contiguous CUDA ``logits_TE``
+    [T, E]: the semantics of `moe_routing.ops.topk_softmax` (ties to the lowest id, NaN first, ids always in
+    [0, E))."""
+    logits_TE = _data("logits_TE", logits_TE, 2)
+    dev = logits_TE.device
+    T, E = logits_TE.shape
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= E:
+        raise ValueError(f"k must be in [1, E={E}], got {k}")
+    acc = torch.float64 if logits_TE.dtype == torch.float64 else torch.float32
+    weights = torch.empty(T, k, dtype=acc, device=dev)
+    experts = torch.empty(T, k, dtype=torch.int64, device=dev)
+    if T == 0:
+        return weights, experts
+    lib = require()
+    with torch.cuda.device(dev):
+        _check("moe_topk_softmax_fwd", lib.moe_topk_softmax_fwd(
+            logits_TE.data_ptr(), weights.data_ptr(), experts.data_ptr(), T, E, k, int(bool(softmax_before_topk)),
+            int(bool(normalize)), _DTYPE_CODE[logits_TE.dtype], _stream(dev)))
+    return weights, experts

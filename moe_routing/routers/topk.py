@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
 from ..losses.balance import SequenceAuxLoss, SwitchAuxLoss
+from ..ops.backend import BACKENDS
+from ..ops.topk_softmax import topk_softmax
 from .base import Router, check_finite_logits
 
 
@@ -31,13 +33,22 @@ class TopKRouter(Router):
         scaling_factor: multiplies the gate weights (DeepSeek's routed scaling factor).
         init_std: std of the normal initialisation of ``weight``.
         strict: raise on non-finite logits on accelerators too (CPU always raises).
+        fused_topk: None (default: plain torch ops) or a backend name ("auto", "torch", "triton", "cuda") for
+            the fused top-k + softmax op (`moe_routing.ops.topk_softmax`). Only for the plain softmax router
+            (no groups, no bias, no jitter); a call with forced experts takes the unfused path. On exact ties the
+            fused op picks the lowest expert id, where ``torch.topk`` may pick another.
+
+    Buffers (aux-loss-free bias only): ``expert_bias`` (float32) and ``load_accum`` (int64 pair counts since the
+    last step). Checkpoints from before ``load_accum`` was int64 hold it as float32; ``load_state_dict`` copies
+    those values into the int64 buffer (exact: they are whole counts).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 2, *, score_func: str = "softmax",
                  softmax_before_topk: bool = False, normalize: Optional[bool] = None,
                  num_groups: Optional[int] = None, topk_groups: Optional[int] = None,
                  bias_update_rate: Optional[float] = None, jitter_eps: float = 0.0, scaling_factor: float = 1.0,
-                 init_std: float = 0.02, strict: bool = False, device=None, dtype=None) -> None:
+                 init_std: float = 0.02, strict: bool = False, fused_topk: Optional[str] = None, device=None,
+                 dtype=None) -> None:
         super().__init__(hidden_size, num_experts)
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
@@ -57,6 +68,17 @@ class TopKRouter(Router):
             raise ValueError(f"bias_update_rate must be > 0 or None, got {bias_update_rate!r}")
         if not 0.0 <= jitter_eps < 1.0:
             raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps!r}")
+        if fused_topk is not None:
+            if fused_topk not in BACKENDS:
+                raise ValueError(f"fused_topk must be None or one of {BACKENDS}, got {fused_topk!r}")
+            unsupported = [name for name, on in (("score_func='sigmoid'", score_func != "softmax"),
+                                                 ("num_groups", num_groups is not None),
+                                                 ("bias_update_rate", bias_update_rate is not None),
+                                                 ("jitter_eps", jitter_eps > 0)) if on]
+            if unsupported:
+                raise ValueError(f"fused_topk supports only the plain softmax router, not with "
+                                 f"{', '.join(unsupported)}; use fused_topk=None")
+        self.fused_topk = fused_topk
         self.top_k = top_k
         self.score_func = score_func
         self.softmax_before_topk = softmax_before_topk
@@ -72,7 +94,8 @@ class TopKRouter(Router):
         nn.init.normal_(self.weight, std=init_std)
         if bias_update_rate is not None:
             self.register_buffer("expert_bias", torch.zeros(num_experts, **factory))
-            self.register_buffer("load_accum", torch.zeros(num_experts, **factory))
+            # counts, not floats: a float32 sum stops counting exactly at 2^24 pairs (bf16 would at 256)
+            self.register_buffer("load_accum", torch.zeros(num_experts, dtype=torch.int64, device=device))
         else:
             self.expert_bias = None
             self.load_accum = None
@@ -115,6 +138,10 @@ class TopKRouter(Router):
         scores_TE = logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
 
         idx_TK = self._forced(ctx, layer_key, x_TD.shape[0])
+        if idx_TK is None and self.fused_topk is not None:
+            gates_TK, idx_TK = topk_softmax(logits_TE, self.top_k, self.fused_topk,
+                                            softmax_before_topk=self.softmax_before_topk, normalize=self.normalize)
+            return self._finish(idx_TK, gates_TK.to(logits_TE.dtype), logits_TE, scores_TE, nonfinite, ctx)
         if idx_TK is None:
             select_TE = scores_TE.detach()
             if self.expert_bias is not None:
@@ -127,6 +154,10 @@ class TopKRouter(Router):
             gates_TK = scores_TE.gather(1, idx_TK)  # from the full scores, so forced choices keep gradient
             if self.normalize:
                 gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(gates_TK.dtype).tiny)
+        return self._finish(idx_TK, gates_TK, logits_TE, scores_TE, nonfinite, ctx)
+
+    def _finish(self, idx_TK: Tensor, gates_TK: Tensor, logits_TE: Tensor, scores_TE: Tensor,
+                nonfinite: Optional[Tensor], ctx: Optional[RoutingContext]) -> RoutingDecision:
         if self.scaling_factor != 1.0:
             gates_TK = gates_TK * self.scaling_factor
 
@@ -148,7 +179,8 @@ class TopKRouter(Router):
             return
         load = self.load_accum.clone()
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load, group=group)
+            dist.all_reduce(load, group=group)  # integer counts: the sum is exact
+        load = load.double()
         if load.sum() > 0:
             self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.load_accum.zero_()
