@@ -444,3 +444,50 @@ def test_dpsl_bad_arguments():
         dpsl_loss(torch.rand(4), torch.ones(2))
     with pytest.raises(ValueError, match="valid_T"):
         dpsl_loss(torch.rand(4, 3), torch.ones(3), valid_T=torch.ones(4))
+    # a non-positive prior used to surface from betainc as "a must be positive" / "max_ab must be ..."
+    for bad in ([1.0, -1.0, 1.0], [-1.0, -1.0, 1.0], [1.0, math.nan, 1.0]):
+        with pytest.raises(ValueError, match="concentration_E must be positive and finite"):
+            dpsl_loss(torch.rand(4, 3), torch.tensor(bad))
+
+
+def test_erc_default_chunks_bound_the_cast_copy_of_bf16_gates(monkeypatch):
+    """bf16 gates are cast to float32 per chunk; the default chunk size must count that [chunk, D, F] copy, or
+    with D >> E one unchunked einsum keeps an fp32 copy of every gate alive until backward (2x the bf16
+    weights per layer). Budget shrunk so the small case behaves like a real layer (E=64, D=4096, F=1408)."""
+    import moe_routing.losses.erc as erc_mod
+    E, D, Fh = 4, 256, 16
+    monkeypatch.setattr(erc_mod, "_CHUNK_BUDGET", 2 * Fh * (E + D))  # room for two experts' activations + copy
+    gen = torch.Generator().manual_seed(11)
+    R = torch.randn(E, D, generator=gen, requires_grad=True)
+    W = (0.1 * torch.randn(E, D, Fh, generator=gen)).bfloat16().requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() if t.dtype == torch.float32 else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = erc_loss(R, W, generator=torch.Generator().manual_seed(0))
+    assert max(saved) < E * D * Fh // 2, saved  # no float32 copy of (half of) the gates kept for backward
+    ref = erc_loss(R, W.float(), chunk_size=E, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    gR, gW = torch.autograd.grad(loss, [R, W])
+    gR_ref, gW_ref = torch.autograd.grad(ref, [R, W])
+    torch.testing.assert_close(gR, gR_ref, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(gW, gW_ref)
+
+
+def test_erc_eps_accurate_for_a_nearly_collapsed_router():
+    """Rows 1e-3 apart relative to their norm (a near-collapsed router): eps from a float32 Gram matrix was
+    ~15% off (cancellation in |a|^2 + |b|^2 - 2ab); now it matches the float64 loop to 1e-4."""
+    from moe_routing.losses.erc import erc_eps
+    gen = torch.Generator().manual_seed(12)
+    E, D = 6, 512
+    common = torch.randn(1, D, generator=gen)
+    R = common + 1e-3 * common.norm() * torch.randn(E, D, generator=gen) / math.sqrt(D)
+    rows = R.double().tolist()
+    eps_ref = [min(math.dist(rows[i], rows[j]) for j in range(E) if j != i) / (2 * math.hypot(*rows[i]))
+               for i in range(E)]
+    got = erc_eps(R)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.tensor(eps_ref, dtype=f64), rtol=1e-4, atol=0)

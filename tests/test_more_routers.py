@@ -423,3 +423,52 @@ def test_bad_forced_experts_and_input(name):
         r(torch.randn(3, D), RoutingContext(forced_experts={0: torch.full((3, 2), E)}), 0)
     with pytest.raises(ValueError, match=f"shape \\[T, {D}\\]"):
         r(torch.randn(3, D + 1))
+
+
+@pytest.mark.parametrize("vocab", [V, None])
+def test_hash_router_reads_no_device_values_off_the_host(vocab, monkeypatch):
+    """The id-range check read two values back to the host in every forward (a sync per hash layer on GPU).
+    Off the CPU it now runs only with MOE_ROUTING_DEBUG=1; the meta device stands in for an accelerator here:
+    any host read of its values raises."""
+    r = HashRouter(D, E, 2, vocab_size=vocab, seed=1).to("meta")
+    ctx = RoutingContext(token_ids=torch.zeros(2, 5, dtype=torch.long, device="meta"))
+    monkeypatch.delenv("MOE_ROUTING_DEBUG", raising=False)
+    d = r.route(torch.empty(10, D, device="meta"), ctx, None)  # Router.forward's autocast guard has no meta
+    assert d.experts_TK.shape == (10, 2) and d.experts_TK.device.type == "meta"
+    assert d.scores_TE.shape == (10, E)
+    monkeypatch.setenv("MOE_ROUTING_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="meta"):  # the debug check does read the values
+        r.route(torch.empty(10, D, device="meta"), ctx, None)
+
+
+def test_expert_choice_builds_pairs_without_reading_device_values():
+    """Pairs came from a nonzero over the [T, E] choice mask: a host sync on accelerators, although N = E * C is
+    known on the host. The meta device stands in for an accelerator: any host read of its values raises."""
+    r = ExpertChoiceRouter(D, E, 2, capacity_factor=1.5).to("meta")
+    d = r.route(torch.empty(9, D, device="meta"), None, None)  # Router.forward's autocast guard has no meta
+    cap = ec_capacity(1.5, 9, E)
+    assert d.token_N.shape == d.expert_N.shape == d.weight_N.shape == (E * cap,)
+    assert d.token_N.device.type == "meta" and d.extra["max_experts_per_token"].device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+@pytest.mark.parametrize("n_e,k", [(1, 1), (4, 4)])
+def test_one_expert_and_k_equals_e_with_strided_input(name, n_e, k):
+    """E = 1 and k = E: every token reaches every expert, so the layer is the gate-weighted sum of all experts
+    (for expert choice with cf = k too: C = T); a non-contiguous input matches its contiguous copy."""
+    torch.manual_seed(n_e)
+    router = {"sinkhorn": lambda: SinkhornRouter(D, n_e, k), "expert_choice": lambda: ExpertChoiceRouter(D, n_e, k),
+              "hash": lambda: HashRouter(D, n_e, k, vocab_size=V), "hyper": lambda: HyperRouter(D, n_e, k)}[name]()
+    layer = MoELayer(D, 3, n_e, k, router=router, losses=[]).double()
+    x = torch.randn(D, 5, dtype=torch.float64).t()  # [5, D], strided
+    ctx = RoutingContext(token_ids=torch.randint(0, V, (5,)))
+    y = layer(x, ctx)
+    torch.testing.assert_close(y, layer(x.contiguous(), ctx), rtol=1e-12, atol=1e-14)  # matmul ulps only
+    d = layer.router(x, ctx)
+    assert sorted(zip(d.token_N.tolist(), d.expert_N.tolist())) == [(t, e) for t in range(5) for e in range(n_e)]
+    ex = layer.experts
+    rows = []
+    for t in range(5):
+        w = {int(e): d.weight_N[i] for i, e in enumerate(d.expert_N.tolist()) if d.token_N[i] == t}
+        rows.append(sum(w[e] * naive_ffn(x[t], ex.w_gate[e], ex.w_up[e], ex.w_down[e], "swiglu") for e in range(n_e)))
+    torch.testing.assert_close(y, torch.stack(rows), rtol=1e-10, atol=1e-12)

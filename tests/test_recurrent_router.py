@@ -405,3 +405,40 @@ def test_shared_gru_counted_once_and_state_dict_round_trips():
     with mr.routing_context(other):
         torch.testing.assert_close(other(x), y, rtol=0, atol=0)
     assert math.isclose(float(model.group.routers[0].w1.detach().std()), 0.02, rel_tol=0.3)
+
+
+# ------------------------------------------------------------------------------ reentrant checkpointing
+def test_per_layer_reentrant_checkpoint_raises_instead_of_losing_the_recurrence_gradient():
+    """A reentrant checkpoint runs its forward under no_grad and recomputes each layer alone in backward, so
+    layer i's recomputation would read a grad-less state of layer i-1: the gradient of layer i's output through
+    the recurrence (into the GRU, earlier w1 and earlier layers) was silently dropped. Now a ValueError."""
+    torch.manual_seed(12)
+    model = Toy(init_std=0.3)
+    x = torch.randn(4, 9, requires_grad=True)
+    ctx = RoutingContext()
+    h = x
+    for layer in model.layers:
+        h = h + checkpoint(layer, h, ctx, use_reentrant=True)
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        h.square().sum().backward()
+    # a forward with lower layers under no_grad on purpose stays allowed (no recomputation involved)
+    ctx = RoutingContext()
+    with torch.no_grad():
+        h = x + model.layers[0](x, ctx)
+    y = model.layers[1](h, ctx)
+    y.sum().backward()
+    assert model.group.routers[1].w1.grad.abs().sum() > 0
+
+
+def test_whole_model_reentrant_checkpoint_matches_plain_run():
+    """One reentrant checkpoint around all layers recomputes them in order with grad: the gradients match."""
+    torch.manual_seed(13)
+    plain = Toy(init_std=0.3)
+    ckpt = copy.deepcopy(plain)
+    x = torch.randn(2, 3, 9)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    plain(xs[0], RoutingContext()).square().sum().backward()
+    checkpoint(ckpt, xs[1], RoutingContext(), use_reentrant=True).square().sum().backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-6, atol=1e-7)
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=n)

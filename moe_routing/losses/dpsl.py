@@ -60,6 +60,9 @@ def dpsl_loss(probs_TE: Tensor, concentration_E: Tensor, valid_T: Optional[Tenso
     if concentration_E.shape != (E,) or E < 2:
         raise ValueError(f"concentration_E must have shape [E] = [{E}] with E >= 2, got "
                          f"{tuple(concentration_E.shape)}")
+    # checked where it costs no device sync (CPU); elsewhere the caller vouches for it
+    if concentration_E.device.type == "cpu" and not bool(((concentration_E > 0) & concentration_E.isfinite()).all()):
+        raise ValueError(f"concentration_E must be positive and finite, got {concentration_E.tolist()}")
     if valid_T is not None and (not isinstance(valid_T, Tensor) or valid_T.dtype != torch.bool
                                 or valid_T.shape != probs_TE.shape[:1]):
         raise ValueError(f"valid_T must be a bool tensor of shape [T] = [{probs_TE.shape[0]}], got "

@@ -44,12 +44,12 @@ def erc_eps(router_ED: Tensor) -> Tensor:
         E = R.shape[0]
         if E < 2:
             return torch.zeros(E, dtype=R.dtype, device=R.device)
-        sq_E = (R * R).sum(-1)
-        # squared distances from the Gram matrix: E^2 memory instead of cdist's exact E^2 * D
-        dist2_EE = (sq_E[:, None] + sq_E[None, :] - 2.0 * (R @ R.t())).clamp_min(0.0)
-        dist2_EE.fill_diagonal_(float("inf"))
-        nearest_E = dist2_EE.min(-1).values.sqrt()
-        norm_E = sq_E.sqrt()
+        # direct differences, E^2 memory: the Gram form |a|^2 + |b|^2 - 2ab cancels when rows are close
+        # relative to their norm (a near-collapsed router), where eps is the measure we log
+        dist_EE = torch.cdist(R[None], R[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+        dist_EE.fill_diagonal_(float("inf"))
+        nearest_E = dist_EE.min(-1).values
+        norm_E = torch.linalg.vector_norm(R, dim=-1)
         return torch.where(norm_E > 0, nearest_E / (2.0 * norm_E.clamp_min(torch.finfo(R.dtype).tiny)),
                            torch.zeros_like(norm_E))
 
@@ -85,15 +85,17 @@ def _norms_chunk(proxy_ED: Tensor, w_gate_JDF: Tensor) -> Tensor:
 def erc_activation_norms(proxy_ED: Tensor, w_gate_EDF: Tensor, chunk_size: Optional[int] = None) -> Tensor:
     """``M[i, j] = ||proxy[i] @ w_gate[j]||_2`` [E, E] in ``proxy_ED``'s dtype.
 
-    Experts j are processed ``chunk_size`` at a time (default: as many as keep ``E * chunk * F`` under ~32M
+    Experts j are processed ``chunk_size`` at a time (default: as many as keep a chunk's ``[E, chunk, F]``
+    activations, plus the ``[chunk, D, F]`` copy of its gates when they are cast (bf16 experts), under ~32M
     elements). With more than one chunk each chunk is activation-checkpointed, so backward keeps only
-    ``M`` and recomputes a chunk's ``[E, chunk, F]`` activations (and the fp32 copy of its ``[chunk, D, F]``
-    gates): peak extra memory ``chunk * F * (E + D)`` instead of ``E * F * (E + D)``, for one extra forward
-    of the loss.
+    ``M`` and recomputes a chunk's activations and gate copy: peak extra memory ``chunk * F * (E + D)``
+    instead of ``E * F * (E + D)``, for one extra forward of the loss.
     """
     E, D, Fh = w_gate_EDF.shape
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_BUDGET // max(1, E * Fh))
+        # a cast copy of the gates is saved for backward like the activations: count it (D >> E typically)
+        per_expert = Fh * (E + (D if w_gate_EDF.dtype != proxy_ED.dtype else 0))
+        chunk_size = max(1, _CHUNK_BUDGET // max(1, per_expert))
     if chunk_size >= E:
         return _norms_chunk(proxy_ED, w_gate_EDF)
     cols = []

@@ -90,17 +90,19 @@ class ExpertChoiceRouter(Router):
         if pad_T is not None:
             # softmax scores are finite, so with C <= valid tokens no padding row reaches an expert's top C
             select_TE = select_TE.masked_fill(pad_T[:, None], float("-inf"))
-        chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=logits_TE.device)
-        if cap > 0:
-            chosen_TE.scatter_(0, select_TE.topk(cap, dim=0).indices, True)
-        token_N, expert_N = chosen_TE.nonzero(as_tuple=True)  # row-major: sorted by token
+        # every expert takes exactly C tokens, so N = E * C is known on the host: build the pairs by sorting
+        # (token, expert) keys instead of a nonzero over a [T, E] mask, which would sync the host on accelerators
+        idx_CE = select_TE.topk(cap, dim=0).indices
+        key_N = (idx_CE * E + torch.arange(E, device=idx_CE.device)).reshape(-1).sort().values
+        token_N, expert_N = key_N // E, key_N % E  # sorted by token, then expert
         weight_N = scores_TE[token_N, expert_N]
 
-        per_token_T = chosen_TE.sum(-1) if pad_T is None else chosen_TE[~pad_T].sum(-1)
+        per_token_T = torch.zeros(T, dtype=torch.long, device=token_N.device).index_add_(
+            0, token_N, torch.ones_like(token_N))  # padding rows are never chosen: 0
+        dropped_T = per_token_T == 0 if pad_T is None else (per_token_T == 0) & ~pad_T
         extra = {"capacity": torch.tensor(cap),
-                 "dropped_token_fraction": ((per_token_T == 0).double().mean() if num_valid
-                                            else torch.zeros((), dtype=torch.float64)),
-                 "max_experts_per_token": per_token_T.max() if num_valid else torch.zeros((), dtype=torch.long)}
+                 "dropped_token_fraction": dropped_T.sum().double() / max(num_valid, 1),
+                 "max_experts_per_token": per_token_T.max()}
         if nonfinite is not None:
             extra["nonfinite_tokens"] = nonfinite
         return RoutingDecision(token_N=token_N, expert_N=expert_N, weight_N=weight_N, logits_TE=logits_TE,

@@ -17,6 +17,8 @@ non-reentrant activation checkpoint after later layers ran still reads its prede
 forwards in the context, so a reused context reports state left by an earlier forward instead of reading it.
 Known limit: one context reused for two checkpointed forwards before their backward makes the first forward's
 recomputation read the second's state; use a fresh context per forward (what `routing_context` does).
+A *reentrant* checkpoint around each layer cannot carry the state's gradient (it passes outside the
+checkpoint's inputs): its recomputation raises ValueError; one reentrant checkpoint around all layers works.
 """
 from __future__ import annotations
 
@@ -127,6 +129,16 @@ class RecurrentRouter(Router):
         if prev.h_TP.shape[0] != T:
             raise ValueError(f"RecurrentRouter layer {i} got {T} tokens but layer {i - 1} routed "
                              f"{prev.h_TP.shape[0]}; every layer of the group must see the same tokens")
+        if (not _not_in_backward() and torch.is_grad_enabled() and not prev.h_TP.requires_grad
+                and any(p.requires_grad for p in self.gru.parameters())):
+            # a checkpoint recomputation reading a state made without autograd: a *reentrant* checkpoint (forward
+            # in no_grad, the state passed outside its inputs) would silently drop the recurrence's gradient.
+            # Only in backward: a forward whose lower layers run under no_grad on purpose stays allowed.
+            raise ValueError(f"RecurrentRouter layer {i} is recomputed by an activation checkpoint with autograd, "
+                             f"but the state of layer {i - 1} was computed without it (a reentrant checkpoint, "
+                             "use_reentrant=True, around each layer): its gradient through the recurrence would "
+                             "be lost; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or one "
+                             "checkpoint around all of the group's layers")
         return prev.h_TP, generation
 
     def _forced(self, ctx: RoutingContext, layer_key: object, T: int) -> Optional[Tensor]:
