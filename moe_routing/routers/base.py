@@ -12,6 +12,19 @@ from ..decision import RoutingContext, RoutingDecision
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def keep_float32(fn: Callable) -> Callable:
+    """Wrap an ``nn.Module._apply`` function so a cast to bf16/fp16 leaves floating tensors float32 (a cast to
+    float64 or a device move still applies)."""
+    def apply(t: Tensor) -> Tensor:
+        out = fn(t)
+        if isinstance(out, Tensor) and t.is_floating_point() and out.dtype in _LOW_PRECISION:
+            # from the original values: a round trip through bf16/fp16 would round the weights and bias
+            out = t.to(device=out.device, dtype=torch.float32)
+        return out
+
+    return apply
+
+
 class Router(nn.Module, ABC):
     """Base class for routers: decide which experts each token uses; never dispatch.
 
@@ -33,14 +46,7 @@ class Router(nn.Module, ABC):
         self.num_experts = num_experts
 
     def _apply(self, fn: Callable, recurse: bool = True):  # noqa: D401 - torch override
-        def keep_fp32(t: Tensor) -> Tensor:
-            out = fn(t)
-            if isinstance(out, Tensor) and t.is_floating_point() and out.dtype in _LOW_PRECISION:
-                # from the original values: a round trip through bf16/fp16 would round the weights and bias
-                out = t.to(device=out.device, dtype=torch.float32)
-            return out
-
-        return super()._apply(keep_fp32, recurse)
+        return super()._apply(keep_float32(fn), recurse)
 
     @property
     def math_dtype(self) -> torch.dtype:

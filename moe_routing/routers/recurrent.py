@@ -30,9 +30,8 @@ from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
 from ..losses.balance import SwitchAuxLoss
-from .base import Router, check_finite_logits
+from .base import _LOW_PRECISION, Router, check_finite_logits, keep_float32
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CONTEXT_HINT = ("run the model inside `with moe_routing.routing_context(model): ...` (a fresh context per "
                  "forward) or pass ctx=RoutingContext() to every MoE layer")
 
@@ -221,10 +220,4 @@ class RecurrentRouterGroup(nn.Module):
 
     def _apply(self, fn: Callable, recurse: bool = True):  # noqa: D401 - torch override
         # Same rule as Router: the shared GRU is reached from here too, and a bf16 round trip would round it.
-        def keep_fp32(t: Tensor) -> Tensor:
-            out = fn(t)
-            if isinstance(out, Tensor) and t.is_floating_point() and out.dtype in _LOW_PRECISION:
-                out = t.to(device=out.device, dtype=torch.float32)
-            return out
-
-        return super()._apply(keep_fp32, recurse)
+        return super()._apply(keep_float32(fn), recurse)
