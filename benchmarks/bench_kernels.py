@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_routing.ops import combine, inverse_order, permute, sort_by_expert  # noqa: E402
 from moe_routing.ops.combine import _combine_backward  # noqa: E402
 from moe_routing.ops.topk_softmax import topk_softmax  # noqa: E402
+from _machine import cpu_count, cpu_model  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -143,13 +144,7 @@ def _interleaved(fns: dict, rounds: int) -> dict:
 
 
 def _machine() -> dict:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    return {"cpu": cpu_model(), "cpus": cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "device": str(DEVICE), "dtype": str(DTYPE).split(".")[-1]}
 

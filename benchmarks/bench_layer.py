@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import moe_routing as mr
+from _machine import cpu_count, cpu_model
 
 D, FFN, K = 512, 1024, 2
 EXPERTS = (8, 64)
@@ -282,21 +283,12 @@ def measure(T: int, E: int, rounds: int, names: Sequence[str], memory: bool = Tr
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         import transformers
         tf = transformers.__version__
     except ImportError:
         tf = None
-    return {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "cpu_model": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    return {"nproc": cpu_count(), "cpu_model": cpu_model(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "transformers": tf}
 
 

@@ -18,13 +18,9 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     import torch
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from _machine import cpu_count, cpu_model
+
+    cpu, nproc = cpu_model(), cpu_count()
     size = "quick (T=1024)" if os.environ.get("MOE_BENCH_QUICK") else "full (T=8192)"
     return (f"moe_routing benchmarks: {nproc} CPUs ({cpu}), torch {torch.__version__} "
             f"({torch.get_num_threads()} threads); bench_layer size {size}")
