@@ -3,7 +3,6 @@ naming the machine, so a pasted pytest-benchmark table says where it was measure
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
 def pytest_addoption(parser):
