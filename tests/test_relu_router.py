@@ -1,4 +1,5 @@
 """ReLU router (ReMoE): routing, L1 loss and the adaptive controller against independent computations."""
+import json
 import math
 
 import pytest
@@ -111,42 +112,45 @@ def test_bad_arguments():
         mr.MoELayer(8, 4, 4, 1, losses=[mr.ReLUL1Loss()])(torch.randn(3, 8))
 
 
-class _PreNormBlock(torch.nn.Module):
-    def __init__(self, d, E, k):
-        super().__init__()
-        self.norm = torch.nn.RMSNorm(d)
-        self.moe = mr.MoELayer(d, 32, E, k, router="relu")
+def test_controller_settles_sparsity_within_two_points_on_the_quick_ablation_model(tmp_path):
+    """ReMoE acceptance: `moe-ablate --preset quick` (2-layer byte-level LM on Shakespeare, E=8, k=2, 500 steps,
+    ~17 s on one CPU thread). Sparsity starts dense, the controller raises lambda until sparsity reaches the
+    target 0.75, and from step 250 on every logged value stays within 2 points of it."""
+    from moe_routing.ablate.cli import main
+    from moe_routing.ablate.data import default_text_files
 
-    def forward(self, h):
-        return h + self.moe(self.norm(h))
+    try:
+        default_text_files()
+    except FileNotFoundError as e:
+        pytest.skip(f"corpus not installed: {e}")
+    assert main(["--preset", "quick", "--routers", "relu", "--seeds", "0", "--no-progress", "--no-plots",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "relu" / "seed0" / "result.json").read_text())
+    history = result["history"]
+    target = 0.75
+    assert history[0]["relu_sparsity"] < target - 0.3                        # starts (nearly) dense
+    late = [h["relu_sparsity"] for h in history if h["step"] >= 250]
+    assert all(abs(s - target) <= 0.02 for s in late), late
+    assert abs(sum(late) / len(late) - target) <= 0.01
+    assert result["final_val_loss"] < 2.2                                     # and the model learns
 
 
-def test_controller_drives_sparsity_to_target_in_training():
-    """A small pre-norm model trained for 300 steps: the controller takes sparsity from ~0.5 to the target.
-
-    Measured here: it reaches the target band and settles at ~0.80 for target 0.75 — lambda's multiplicative
-    ramp overshoots before the router responds and experts switched off then get no gradient to come back, so
-    the "within 2 points" criterion of the ReMoE issue is not met at this scale (see the issue note).
-    """
-    torch.manual_seed(4)
-    E, k, d = 8, 2, 32
-    model = torch.nn.Sequential(torch.nn.Embedding(64, d), _PreNormBlock(d, E, k), _PreNormBlock(d, E, k),
-                                torch.nn.Linear(d, 64))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    sparsity, lambdas = [], []
-    for _ in range(300):
-        x = torch.randint(0, 64, (8, 32), generator=gen)
-        loss = F.cross_entropy(model(x).flatten(0, 1), ((3 * x + 1) % 64).flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mr.step(model)
-        sparsity.append(sum(model[i].moe.last_stats["sparsity"].item() for i in (1, 2)) / 2)
-        lambdas.append(model[1].moe.router.l1_coeff.item())
-    target = 1 - k / E
-    settled = sum(sparsity[-50:]) / 50
-    assert sparsity[0] < target - 0.15
-    assert target - 0.02 <= settled <= target + 0.08, settled
-    assert max(lambdas) > 1e3 * lambdas[0] and lambdas[-1] < max(lambdas) * 1e-3  # raised, then lowered
-    assert loss.item() < 1.0  # the model still learns its task
+def test_lambda_floor_and_ceiling_keep_the_controller_alive():
+    # A float32 lambda divided by 1.2 for ~600 steps becomes a subnormal that 1.2x no longer changes.
+    layer = mr.MoELayer(8, 4, 4, 1, router="relu", router_kwargs={"max_l1_coeff": 1e-6})
+    r = layer.router
+    for _ in range(700):
+        r.active_accum.fill_(0), r.count_accum.fill_(10)   # sparsity 1 > target: shrink
+        type(r).moe_step_all([r])
+    assert r.l1_coeff.item() == pytest.approx(1e-8)        # floor = lambda_0
+    r.active_accum.fill_(10), r.count_accum.fill_(10)      # sparsity 0 < target: grow again
+    type(r).moe_step_all([r])
+    assert r.l1_coeff.item() == pytest.approx(1.2e-8)
+    for _ in range(200):
+        r.active_accum.fill_(10), r.count_accum.fill_(10)
+        type(r).moe_step_all([r])
+    assert r.l1_coeff.item() == pytest.approx(1e-6)        # ceiling
+    with pytest.raises(ValueError, match="min_l1_coeff"):
+        mr.ReLURouter(8, 4, 1, l1_coeff=1e-8, min_l1_coeff=1e-7)
+    with pytest.raises(ValueError, match="max_l1_coeff"):
+        mr.ReLURouter(8, 4, 1, max_l1_coeff=float("inf"))

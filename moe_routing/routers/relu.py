@@ -19,14 +19,18 @@ class ReLURouter(Router):
         top_k: nominal experts per token k; the controller targets sparsity ``1 - k/E``.
         norm: None, or "rmsnorm" to RMS-normalise the ReLU outputs (BlockFFN's variant; zeros stay zero).
         l1_coeff: initial L1 coefficient lambda_0 (1e-8).  alpha: controller step factor (1.2).
+        min_l1_coeff: floor for lambda (default lambda_0). Without one, a float32 lambda that keeps shrinking
+            reaches a subnormal where ``x * 1.2`` rounds back to ``x`` (2.8e-45 after ~600 steps above target)
+            and the controller can never raise it again. max_l1_coeff: ceiling (1e30: keeps lambda finite).
     The L1 loss (`ReLUL1Loss`, the default loss) reads ``l1_coeff``; `moe_routing.step(model)` updates it once per
     optimizer step from the sparsity accumulated since the last step, averaged over all ReLU routers of the
     model (and data-parallel ranks): ``lambda *= alpha`` if sparsity < target else ``lambda /= alpha``.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1, *, norm: Optional[str] = None,
-                 l1_coeff: float = 1e-8, alpha: float = 1.2, init_std: float = 0.02, strict: bool = False,
-                 device=None, dtype=None) -> None:
+                 l1_coeff: float = 1e-8, alpha: float = 1.2, min_l1_coeff: Optional[float] = None,
+                 max_l1_coeff: float = 1e30, init_std: float = 0.02, strict: bool = False, device=None,
+                 dtype=None) -> None:
         super().__init__(hidden_size, num_experts)
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
@@ -34,7 +38,12 @@ class ReLURouter(Router):
             raise ValueError(f"norm must be None or 'rmsnorm', got {norm!r}")
         if not l1_coeff > 0 or not alpha > 1:
             raise ValueError(f"l1_coeff must be > 0 and alpha > 1, got {l1_coeff!r}, {alpha!r}")
+        min_l1_coeff = float(l1_coeff) if min_l1_coeff is None else min_l1_coeff
+        if not 0 < min_l1_coeff <= l1_coeff <= max_l1_coeff < float("inf"):
+            raise ValueError(f"need 0 < min_l1_coeff <= l1_coeff <= max_l1_coeff < inf, got {min_l1_coeff!r}, "
+                             f"{l1_coeff!r}, {max_l1_coeff!r}")
         self.top_k, self.alpha, self.strict = top_k, float(alpha), strict
+        self.min_l1_coeff, self.max_l1_coeff = float(min_l1_coeff), float(max_l1_coeff)
         factory = {"device": device, "dtype": torch.float32 if dtype in (None, torch.float16, torch.bfloat16)
                    else dtype}
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
@@ -87,6 +96,7 @@ class ReLURouter(Router):
             sparsity = 1.0 - float(stats[0] / stats[1])
             for r in routers:
                 r.l1_coeff *= r.alpha if sparsity < r.target_sparsity else 1.0 / r.alpha
+                r.l1_coeff.clamp_(r.min_l1_coeff, r.max_l1_coeff)
         for r in routers:
             r.active_accum.zero_()
             r.count_accum.zero_()
