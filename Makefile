@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/moe-ablate --preset quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

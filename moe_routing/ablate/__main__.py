@@ -1,0 +1,7 @@
+"""``python -m moe_routing.ablate`` = ``moe-ablate``."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

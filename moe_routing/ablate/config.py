@@ -1,0 +1,140 @@
+"""Frozen experiment presets: one model size, data budget and optimiser schedule shared by every router.
+
+No per-router tuning: a preset is the whole recipe; the CLI may only override sizes that apply to all routers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+DEFAULT_ROUTERS = ("dense", "topk", "relu", "rmoe", "topk+erc", "topk+dpsl")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model, data and optimiser settings for one ablation (identical for every router in it).
+
+    Model: ``d_model`` D, ``n_layers`` L, ``n_heads``, ``num_experts`` E, ``top_k`` k, ``expert_hidden`` F (the
+    dense baseline's FFN hidden is ``k * F``: equal active parameters). Batches: ``global_batch`` sequences of
+    ``seq_len`` tokens per optimiser step, split into micro-batches of ``micro_batch`` (gradient accumulation).
+    Schedule: linear warm-up over ``warmup_frac * steps`` to ``lr``, cosine decay to ``min_lr``.
+    """
+
+    name: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    num_experts: int
+    top_k: int
+    expert_hidden: int
+    seq_len: int
+    global_batch: int
+    micro_batch: int
+    steps: int
+    lr: float
+    min_lr: float
+    warmup_frac: float = 0.01
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    clip: float = 1.0
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    eval_interval: int = 50
+    eval_batches: int = 8
+    log_interval: int = 10
+    ckpt_interval: int = 100
+    precision: str = "float32"   # "float32" | "bf16" (autocast; master weights stay float32)
+    tokenizer: str = "byte"      # "byte" | "bpe" | path to a tokenizer.json (e.g. GPT-2's)
+    bpe_vocab: int = 2048
+    threads: int = 0             # CPU intra-op threads (0 = torch's default); tiny models run best on 1
+    seeds: tuple = (0, 1, 2)
+    routers: tuple = DEFAULT_ROUTERS
+
+    def __post_init__(self) -> None:
+        for field in ("d_model", "n_layers", "n_heads", "num_experts", "top_k", "expert_hidden", "seq_len",
+                      "global_batch", "micro_batch", "steps", "eval_interval", "eval_batches", "log_interval",
+                      "ckpt_interval", "bpe_vocab"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got top_k={self.top_k}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size "
+                             "(RoPE rotates pairs)")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch={self.global_batch} must be a multiple of micro_batch="
+                             f"{self.micro_batch}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.precision not in ("float32", "bf16"):
+            raise ValueError(f"precision must be 'float32' or 'bf16', got {self.precision!r}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an int >= 0 (0 = torch's default), got {self.threads!r}")
+        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
+            raise ValueError(f"seeds must be a non-empty tuple of ints >= 0, got {self.seeds!r}")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // self.micro_batch
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_frac * self.steps))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimiser step ``step`` (0-based): linear warm-up, then cosine to ``min_lr``."""
+        w = self.warmup_steps
+        if step < w:
+            return self.lr * (step + 1) / w
+        progress = min(1.0, (step - w) / max(1, self.steps - w))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def replace(self, **changes) -> "Preset":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def fingerprint(self) -> dict:
+        """Everything that changes a run's numbers (routers and seeds excluded: they name the run)."""
+        d = dataclasses.asdict(self)
+        for k in ("name", "routers", "seeds", "log_interval", "ckpt_interval", "threads"):
+            d.pop(k)
+        d["betas"] = list(d["betas"])
+        return d
+
+
+PRESETS: dict[str, Preset] = {
+    # seconds: what the tests and a CI smoke run use
+    "smoke": Preset(name="smoke", d_model=32, n_layers=2, n_heads=2, num_experts=4, top_k=1, expert_hidden=32,
+                    seq_len=32, global_batch=4, micro_batch=4, steps=20, lr=3e-3, min_lr=3e-4, warmup_frac=0.1,
+                    eval_interval=10, eval_batches=2, log_interval=5, ckpt_interval=10, threads=1),
+    # 6 routers x 3 seeds: 4 min 58 s measured on the 2-core VM (273 s CPU; 8 min 15 s under a load average of
+    # 20-40). One thread: at this size two threads on two shared cores mostly wait on each other.
+    "quick": Preset(name="quick", d_model=64, n_layers=2, n_heads=4, num_experts=8, top_k=2, expert_hidden=128,
+                    seq_len=64, global_batch=16, micro_batch=16, steps=500, lr=3e-3, min_lr=3e-4,
+                    warmup_frac=0.05, init_std=0.02, eval_interval=50, eval_batches=8, log_interval=10,
+                    ckpt_interval=100, threads=1),
+    # ~50 min on the same CPU (topk + relu x 3 seeds measured: 15 min): 4x the tokens per run of quick on a
+    # 4-layer model, long enough that TopK's slow start and ReMoE's dense warm-up are a small part of training
+    "cpu-full": Preset(name="cpu-full", d_model=96, n_layers=4, n_heads=4, num_experts=8, top_k=2,
+                       expert_hidden=192, seq_len=128, global_batch=16, micro_batch=16, steps=1000, lr=2e-3,
+                       min_lr=2e-4, warmup_frac=0.02, eval_interval=100, eval_batches=16, log_interval=10,
+                       ckpt_interval=200, threads=1),
+    # ReMoE's 182M setting (arXiv 2412.14711): GPU, bf16, GPT-2 vocabulary via --tokenizer PATH/tokenizer.json
+    "remoe-182m": Preset(name="remoe-182m", d_model=768, n_layers=12, n_heads=12, num_experts=8, top_k=1,
+                         expert_hidden=3072, seq_len=1024, global_batch=512, micro_batch=16, steps=60_000,
+                         lr=5e-4, min_lr=5e-5, warmup_frac=0.01, init_std=0.01, eval_interval=1000,
+                         eval_batches=32, log_interval=50, ckpt_interval=1000, precision="bf16",
+                         tokenizer="byte"),
+}
+
+
+def get_preset(name: str, **overrides: Optional[object]) -> Preset:
+    """The preset ``name`` with ``overrides`` (None values ignored); unknown names raise ValueError."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name].replace(**overrides)

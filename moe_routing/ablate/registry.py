@@ -1,0 +1,108 @@
+"""The one place that maps a router name (``--routers``) to how its FFN layers are built.
+
+A builder takes the preset and returns ``(ffns, shared)``: one FFN module per layer and an optional module the
+layers share (registered on the model). Routers written in parallel issues are imported lazily; a missing one
+raises `RouterUnavailable` and the CLI skips it with a message.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..layer import MoELayer
+from ..losses.balance import SwitchAuxLoss
+from ..routers.relu import ReLURouter
+from ..routers.topk import TopKRouter
+from .config import Preset
+from .model import SwiGLU, TinyLM
+
+Built = tuple[list[nn.Module], Optional[nn.Module]]
+
+
+class RouterUnavailable(ImportError):
+    """A registered router whose implementation cannot be imported in this checkout."""
+
+
+def _topk_layers(p: Preset, losses_fn: Callable[[], list]) -> Built:
+    # k >= 2: Mixtral gates (softmax over the k chosen logits), the same gating as the recurrent router, so
+    # topk vs rmoe differs only in how logits are computed. k = 1: Switch gates (softmax over all E, then
+    # top-1): a softmax over one logit is constant 1 and would leave the router no gradient from the LM loss.
+    return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
+                     router=TopKRouter(p.d_model, p.num_experts, p.top_k, softmax_before_topk=p.top_k == 1),
+                     losses=losses_fn(), layer_idx=i) for i in range(p.n_layers)], None
+
+
+def build_dense(p: Preset) -> Built:
+    """SwiGLU FFN of hidden ``k * F``: the same active parameters and FLOPs as a k-of-E MoE layer."""
+    return [SwiGLU(p.d_model, p.top_k * p.expert_hidden) for _ in range(p.n_layers)], None
+
+
+def build_topk(p: Preset) -> Built:
+    return _topk_layers(p, lambda: [SwitchAuxLoss(1e-2)])
+
+
+def build_relu(p: Preset) -> Built:
+    """ReMoE: ReLU gates, its adaptive L1 loss (the router's default), k is the nominal sparsity target."""
+    return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
+                     router=ReLURouter(p.d_model, p.num_experts, p.top_k), layer_idx=i)
+            for i in range(p.n_layers)], None
+
+
+def build_rmoe(p: Preset) -> Built:
+    try:
+        from ..routers.recurrent import RecurrentRouterGroup
+    except ImportError as e:
+        raise RouterUnavailable(f"router 'rmoe' needs moe_routing.routers.recurrent.RecurrentRouterGroup ({e})") from e
+    # P = 128 as in the paper, but at most D/2: at our tiny widths a P=128 GRU would outweigh the whole model
+    group = RecurrentRouterGroup(p.d_model, p.num_experts, p.top_k, p.n_layers, proj_dim=min(128, p.d_model // 2))
+    return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k, router=group.routers[i], layer_idx=i)
+            for i in range(p.n_layers)], group
+
+
+def build_topk_erc(p: Preset) -> Built:
+    try:
+        from ..losses.erc import ERCLoss
+    except ImportError as e:
+        raise RouterUnavailable(f"router 'topk+erc' needs moe_routing.losses.erc.ERCLoss ({e})") from e
+    return _topk_layers(p, lambda: [SwitchAuxLoss(1e-2), ERCLoss()])
+
+
+def build_topk_dpsl(p: Preset) -> Built:
+    try:
+        from ..losses.dpsl import DPSLoss
+    except ImportError as e:
+        raise RouterUnavailable(f"router 'topk+dpsl' needs moe_routing.losses.dpsl.DPSLoss ({e})") from e
+    # DPSL shapes the routing distribution itself (balance included): it replaces the switch aux loss
+    return _topk_layers(p, lambda: [DPSLoss()])
+
+
+ROUTER_BUILDERS: dict[str, Callable[[Preset], Built]] = {
+    "dense": build_dense,
+    "topk": build_topk,
+    "relu": build_relu,
+    "rmoe": build_rmoe,
+    "topk+erc": build_topk_erc,
+    "topk+dpsl": build_topk_dpsl,
+}
+
+
+def check_router_names(names: list[str]) -> None:
+    """ValueError naming the unknown router(s) and the valid names."""
+    unknown = [n for n in names if n not in ROUTER_BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown router(s) {unknown}; --routers takes a comma-separated subset of "
+                         f"{list(ROUTER_BUILDERS)}")
+    if not names:
+        raise ValueError(f"--routers must name at least one of {list(ROUTER_BUILDERS)}")
+
+
+def build_model(p: Preset, router: str, seed: int, vocab_size: int) -> TinyLM:
+    """The preset's LM with ``router``'s FFNs, initialised from ``seed`` (raises RouterUnavailable/ValueError)."""
+    check_router_names([router])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1_000_003 * seed + 7)  # router inits (their constructors draw from the global RNG)
+        ffns, shared = ROUTER_BUILDERS[router](p)
+    return TinyLM(vocab_size, p.d_model, p.n_heads, p.seq_len, ffns, shared=shared,
+                  tie_embeddings=p.tie_embeddings, init_std=p.init_std, seed=seed)

@@ -1,0 +1,243 @@
+"""One training run (router x seed): train loop, evaluation, routing statistics, checkpoint and resume."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..control import aux_losses, moe_layers, routing_context, set_aux_loss_scale, step as moe_step, total_aux_loss
+from ..metrics import max_violation
+from ..routers.relu import ReLURouter
+from .checkpoint import (atomic_write_json, load_checkpoint, read_run_state, remove_stale_temporaries,
+                         save_checkpoint)
+from .config import Preset
+from .data import _mix, get_batch
+from .model import count_params, ffn_flops_per_token
+from .registry import build_model
+
+CKPT_NAME, RESULT_NAME = "ckpt.safetensors", "result.json"
+
+
+@dataclass
+class Data:
+    """Token streams of both splits, the fixed validation batches and the tokenizer's name and vocab."""
+
+    train_N: Tensor
+    val_N: Tensor
+    val_batches: list[tuple[Tensor, Tensor]]
+    vocab_size: int
+    tokenizer: str
+
+
+def make_optimizer(model: nn.Module, p: Preset) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm scales are 1-D)."""
+    decay = [q for q in model.parameters() if q.dim() >= 2]
+    no_decay = [q for q in model.parameters() if q.dim() < 2]
+    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=p.lr, betas=tuple(p.betas), eps=1e-8)
+
+
+def _autocast(p: Preset, device: torch.device):
+    if p.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _experts_per_token(model: nn.Module, p: Preset) -> list[float]:
+    """Experts each token used in the last forward, per layer (dense FFN of k*F counts as k)."""
+    layers = moe_layers(model)
+    if not layers:
+        return [float(p.top_k)] * p.n_layers
+    return [float(layer.last_stats["experts_per_token"]) for _, layer in layers]
+
+
+def _relu_state(model: nn.Module) -> Optional[tuple[float, float]]:
+    """(mean sparsity of the last forward, lambda) of the ReLU routers, or None if there are none."""
+    layers = [layer for _, layer in moe_layers(model) if isinstance(layer.router, ReLURouter)]
+    if not layers:
+        return None
+    sparsity = sum(float(layer.last_stats["sparsity"]) for layer in layers) / len(layers)
+    return sparsity, float(layers[0].router.l1_coeff)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data, p: Preset, device: torch.device, with_routing: bool = False) -> dict:
+    """Mean validation cross-entropy over the fixed batches; with ``with_routing`` also per-layer loads,
+    MaxVio (of the loads summed over the validation set), routing entropy and experts per token."""
+    was_training = model.training
+    model.eval()
+    losses, loads, ent, ept = [], None, [], []
+    for x, y in data.val_batches:
+        x, y = x.to(device), y.to(device)
+        with _autocast(p, device), routing_context(model):
+            logits = model(x)
+        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item())
+        if with_routing:
+            layers = moe_layers(model)
+            batch_loads = [layer.last_stats["tokens_per_expert"].double().cpu() for _, layer in layers]
+            loads = batch_loads if loads is None else [a + b for a, b in zip(loads, batch_loads)]
+            ent.append([float(layer.last_stats["routing_entropy"]) for _, layer in layers])
+            ept.append(_experts_per_token(model, p))
+    model.train(was_training)
+    out = {"val_loss": sum(losses) / len(losses)}
+    if with_routing:
+        n = len(data.val_batches)
+        ept_L = [sum(col) / n for col in zip(*ept)]
+        out["experts_per_token"] = sum(ept_L) / len(ept_L)
+        out["sparsity"] = 1.0 - out["experts_per_token"] / p.num_experts
+        if loads:
+            out["load_LE"] = [(ld / ld.sum().clamp_min(1)).tolist() for ld in loads]
+            out["max_vio"] = sum(float(max_violation(ld)) for ld in loads) / len(loads)
+            out["routing_entropy"] = sum(sum(col) / n for col in zip(*ent)) / len(loads)
+        else:  # dense: no router, nothing measured
+            out.update(load_LE=None, max_vio=None, routing_entropy=None, sparsity=None)
+    return out
+
+
+def library_digest() -> str:
+    """Hash of the moe_routing sources outside ``ablate/`` (routers, losses, layer, ops): a finished run read
+    back under a different digest was trained with other library code, which the CLI warns about."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        if "ablate" not in f.relative_to(root).parts:
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _fresh_state() -> dict:
+    return {"train_losses": [], "history": [], "val_curve": [], "train_time_s": 0.0, "tokens": 0,
+            "ept_sum": 0.0, "flops_sum": 0.0, "micro_steps": 0}
+
+
+def train_run(p: Preset, router: str, seed: int, data: Data, run_dir: Path, device: str = "cpu",
+              progress: bool = True, stop_at: Optional[int] = None, digest: Optional[str] = None) -> Optional[dict]:
+    """Train ``router`` with ``seed`` under preset ``p``, resuming from ``run_dir/ckpt.safetensors`` if present.
+
+    Returns the run's result dict (also written to ``run_dir/result.json``); a finished run is read back, not
+    retrained. ``stop_at`` (for tests) checkpoints and returns None after that many steps, like an interrupt.
+    ``digest``: the `library_digest` of the code this process imported (taken now if None).
+    Raises ValueError when ``run_dir`` holds a run with a different configuration.
+    """
+    run_dir = Path(run_dir)
+    digest = digest or library_digest()
+    fingerprint = {**p.fingerprint(), "router": router, "seed": seed, "tokenizer": data.tokenizer,
+                   "vocab_size": data.vocab_size}
+    result_path, ckpt_path = run_dir / RESULT_NAME, run_dir / CKPT_NAME
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+        _check_fingerprint(result.get("fingerprint"), fingerprint, result_path)
+        if result.get("library_digest") != digest:
+            print(f"moe-ablate: warning: {result_path} was trained with other moe_routing sources (digest "
+                  f"{result.get('library_digest')} != {digest}); delete it to retrain", file=sys.stderr)
+        return result
+    threads = torch.get_num_threads()
+    if p.threads and torch.device(device).type == "cpu":
+        torch.set_num_threads(p.threads)
+    try:
+        return _train(p, router, seed, data, run_dir, torch.device(device), progress, stop_at, fingerprint, digest)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: torch.device, progress: bool,
+           stop_at: Optional[int], fingerprint: dict, digest: str) -> Optional[dict]:
+    result_path, ckpt_path = run_dir / RESULT_NAME, run_dir / CKPT_NAME
+    if run_dir.exists():
+        remove_stale_temporaries(run_dir)
+    model = build_model(p, router, seed, data.vocab_size).to(dev)
+    optimizer = make_optimizer(model, p)
+    set_aux_loss_scale(model, 1.0 / p.grad_accum)  # main loss is divided by the micro-batch count too
+    # router noise (jitter, ERC's proxy noise) draws from the global RNG: its own stream per seed, separate
+    # from data and init; the checkpoint saves and restores it
+    torch.manual_seed(_mix(seed, "noise") % (1 << 62))
+    state, start = _fresh_state(), 0
+    saved = read_run_state(ckpt_path)
+    if saved is not None:
+        _check_fingerprint(saved.get("fingerprint"), fingerprint, ckpt_path)
+        state = load_checkpoint(ckpt_path, model, optimizer)
+        start = state.pop("step")
+    state["fingerprint"] = fingerprint
+    active, total = count_params(model, p.top_k)
+    end = p.steps if stop_at is None else min(stop_at, p.steps)
+    model.train()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=p.steps, initial=start, desc=f"{router} seed {seed}", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = p.lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, aux_sum = 0.0, 0.0
+        x_all, y_all = get_batch(data.train_N, p.global_batch, p.seq_len, seed, step)
+        for micro in range(p.grad_accum):
+            rows = slice(micro * p.micro_batch, (micro + 1) * p.micro_batch)
+            x, y = x_all[rows].to(dev), y_all[rows].to(dev)
+            with _autocast(p, dev), routing_context(model):
+                logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            (loss / p.grad_accum).backward()
+            loss_sum += loss.item()
+            aux_sum += float(total_aux_loss(model))
+            ept_L = _experts_per_token(model, p)
+            state["ept_sum"] += sum(ept_L) / len(ept_L)
+            state["flops_sum"] += sum(ffn_flops_per_token(p.d_model, p.expert_hidden, e) for e in ept_L)
+            state["micro_steps"] += 1
+        torch.nn.utils.clip_grad_norm_(model.parameters(), p.clip)
+        optimizer.step()
+        moe_step(model)  # ReLU lambda controller, bias balancing
+        state["train_time_s"] += time.perf_counter() - t0
+        state["tokens"] += p.global_batch * p.seq_len
+        train_loss = loss_sum / p.grad_accum
+        state["train_losses"].append(train_loss)
+        done = step + 1
+        if done % p.log_interval == 0 or done == p.steps:
+            row = {"step": done, "loss": train_loss, "aux": aux_sum / p.grad_accum, "lr": p.lr_at(step),
+                   "experts_per_token": sum(ept_L) / len(ept_L)}
+            for losses in aux_losses(model).values():  # per loss, summed over layers (last micro-batch)
+                for name, value in losses.items():
+                    row[f"aux/{name}"] = row.get(f"aux/{name}", 0.0) + float(value)
+            relu = _relu_state(model)
+            if relu is not None:
+                row["relu_sparsity"], row["relu_lambda"] = relu
+            state["history"].append(row)
+        if done % p.eval_interval == 0 or done == p.steps:
+            state["val_curve"].append([done, evaluate(model, data, p, dev)["val_loss"]])
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}")
+        if done % p.ckpt_interval == 0 or done == end:
+            save_checkpoint(ckpt_path, model, optimizer, done, state)
+    bar.close()
+    if end < p.steps:
+        return None
+    final = evaluate(model, data, p, dev, with_routing=True)
+    n = max(1, state["micro_steps"])
+    result = {"router": router, "seed": seed, "fingerprint": fingerprint, "library_digest": digest,
+              "final_val_loss": final["val_loss"],
+              "val_curve": state["val_curve"], "train_losses": state["train_losses"], "history": state["history"],
+              "tokens_per_s": state["tokens"] / max(state["train_time_s"], 1e-9),
+              "train_time_s": state["train_time_s"], "active_params": active, "total_params": total,
+              "experts_per_token_train_avg": state["ept_sum"] / n,
+              "expert_flops_per_token_train_avg": state["flops_sum"] / n,
+              **{f"final_{k}": v for k, v in final.items() if k != "val_loss"}}
+    atomic_write_json(result_path, result)
+    return result
+
+
+def _check_fingerprint(saved: Optional[dict], current: dict, path: Path) -> None:
+    if saved != current:
+        diff = sorted(k for k in set(saved or {}) | set(current) if (saved or {}).get(k) != current.get(k))
+        raise ValueError(f"{path} belongs to a run with different settings ({', '.join(diff)}); "
+                         "use another --out folder or delete it")
