@@ -7,6 +7,7 @@
 //             that sums the token's pairs in CSR order -> no atomics, deterministic.
 //   backward: one block per pair (grid-stride): d_h row = w * dy row, d_w = block-reduced dot(dy row, h row).
 // Compiled, not yet run: see csrc/README.md.
+#include "acc_types.cuh"
 #include "moe_ops.h"
 
 #include <cuda_bf16.h>
@@ -18,15 +19,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 
-// ---- accumulate type and conversions -------------------------------------------------------------------------
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-template <typename T> using acc_t = typename AccOf<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
+// ---- stores from the accumulate type (to_acc and acc_t: acc_types.cuh) -------------------------------------
 
 __device__ __forceinline__ void store_acc(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_acc(__half* p, float v) { *p = __float2half_rn(v); }

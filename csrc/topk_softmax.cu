@@ -8,6 +8,7 @@
 // lane the warp's best. The order is strict and total, so all lanes agree and a NaN or -inf row still gets k
 // distinct ids in [0, E). Math in float (double for double logits); weights are float (double).
 // Compiled and emulator-checked, not yet run on a GPU: see csrc/README.md.
+#include "acc_types.cuh"
 #include "moe_ops.h"
 
 #include <cuda_bf16.h>
@@ -22,14 +23,6 @@ constexpr int kWarpsPerBlock = 4;  // tokens per block
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 constexpr unsigned kFull = 0xffffffffu;
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-template <typename T> using acc_t = typename AccOf<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float acc_exp(float v) { return expf(v); }
 __device__ __forceinline__ double acc_exp(double v) { return exp(v); }
 

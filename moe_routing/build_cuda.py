@@ -23,7 +23,7 @@ from typing import Optional
 
 LIB_NAME = "libmoe_ops.so"
 SOURCES = ("permute.cu", "combine.cu", "counts.cu", "topk_softmax.cu")
-HEADERS = ("moe_ops.h",)
+HEADERS = ("moe_ops.h", "acc_types.cuh")
 NVCC_FLAGS = ("-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17")
 SYMBOLS = ("moe_permute_fwd", "moe_combine_fwd", "moe_combine_bwd", "moe_expert_counts_workspace",
            "moe_expert_counts", "moe_topk_softmax_fwd")
