@@ -58,19 +58,8 @@ def _copy_seconds(nbytes: int, benchmark_like) -> float:
 
 
 def _time(fn, rounds=5) -> float:
-    import time
-
-    fn()
-    best = []
-    for _ in range(rounds):
-        if CUDA:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        best.append(time.perf_counter() - t0)
-    return sorted(best)[len(best) // 2]
+    """Median seconds of ``fn`` over ``rounds`` calls after one warm-up."""
+    return _interleaved({"fn": fn}, rounds)["fn"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
