@@ -263,6 +263,8 @@ def test_cli_subprocess_module(tmp_path):
     (["--preset", "huge"], "preset must be one of"),
     (["--micro-batch", "3"], "global_batch=4 must be a multiple of micro_batch=3"),
     (["--tokenizer", "/no/tok.json"], "--tokenizer must be 'byte', 'bpe' or a tokenizer.json file"),
+    (["--routers", "topk,topk"], "--routers names a router twice"),
+    (["--device", "gpu0"], "--device must be a torch device"),
 ])
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, argv, message):
     base = ["--preset", "smoke", "--out", str(tmp_path / "x"), "--no-progress"]
@@ -294,6 +296,9 @@ def test_bad_argument_types(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--seeds", "a,b"])
     assert "comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--seeds", "0,0"])
+    assert "distinct" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown router"):
         check_router_names(["topk", "switch"])
     with pytest.raises(ValueError, match="top_k must be <= num_experts"):

@@ -1,5 +1,6 @@
 """moe-ablate checkpoints: a run interrupted (in-process, or by kill -9) and resumed logs bitwise the same
 losses as an uninterrupted run; finished runs are skipped; a changed configuration is refused."""
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import torch
 from moe_routing.ablate.config import get_preset
 from moe_routing.ablate.data import val_batches
 from moe_routing.ablate.registry import RouterUnavailable, build_model
+import moe_routing.ablate.train as train_module
 from moe_routing.ablate.train import CKPT_NAME, Data, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +44,9 @@ def test_resume_is_bitwise_equal(tmp_path, data, router):
     straight = train_run(p, router, 3, data, tmp_path / "straight", progress=False)
     assert train_run(p, router, 3, data, tmp_path / "split", progress=False, stop_at=6) is None
     assert not (tmp_path / "split" / "result.json").exists()
-    resumed = train_run(p, router, 3, data, tmp_path / "split", progress=False)
+    with _recorded_steps() as steps:
+        resumed = train_run(p, router, 3, data, tmp_path / "split", progress=False)
+    assert steps == list(range(6, 12))  # really resumed: a retrain from scratch would give equal losses too
     assert len(straight["train_losses"]) == 12
     assert resumed["train_losses"] == straight["train_losses"]  # exact float equality, every step
     assert resumed["val_curve"] == straight["val_curve"]
@@ -52,6 +56,49 @@ def test_resume_is_bitwise_equal(tmp_path, data, router):
     # a finished run is read back, not retrained
     again = train_run(p, router, 3, data, tmp_path / "split", progress=False)
     assert again["train_losses"] == straight["train_losses"]
+
+
+@contextlib.contextmanager
+def _recorded_steps(crash_at=None):
+    """Record the step of every training batch drawn; raise (a crash without a final save) at ``crash_at``."""
+    steps = []
+    real = train_module.get_batch
+
+    def spy(tokens_N, batch, seq_len, seed, step):
+        if step == crash_at:
+            raise KeyboardInterrupt("simulated crash")
+        steps.append(step)
+        return real(tokens_N, batch, seq_len, seed, step)
+
+    train_module.get_batch = spy
+    try:
+        yield steps
+    finally:
+        train_module.get_batch = real
+
+
+def test_crash_resumes_from_the_last_periodic_checkpoint(tmp_path, data):
+    """A crash at step 7 with checkpoints every 4 steps: the rerun restarts at step 4 (state rolled back to the
+    checkpoint, including RNG and optimizer) and still logs the uninterrupted run's losses bitwise."""
+    p = get_preset("smoke", steps=10, ckpt_interval=4, eval_interval=5)
+    straight = train_run(p, "relu", 1, data, tmp_path / "straight", progress=False)
+    with pytest.raises(KeyboardInterrupt), _recorded_steps(crash_at=7) as steps:
+        train_run(p, "relu", 1, data, tmp_path / "crashed", progress=False)
+    assert steps == list(range(7))
+    with _recorded_steps() as steps:
+        resumed = train_run(p, "relu", 1, data, tmp_path / "crashed", progress=False)
+    assert steps == list(range(4, 10))
+    assert resumed["train_losses"] == straight["train_losses"]
+    assert resumed["history"] == straight["history"]
+    assert resumed["final_val_loss"] == straight["final_val_loss"]
+
+
+def test_other_corpus_is_refused(tmp_path, data):
+    p = get_preset("smoke", steps=6)
+    train_run(p, "topk", 0, data, tmp_path, progress=False, stop_at=3)
+    other = Data(data.train_N.flip(0), data.val_N, data.val_batches, data.vocab_size, data.tokenizer)
+    with pytest.raises(ValueError, match=r"different settings \(data_digest\)"):
+        train_run(p, "topk", 0, other, tmp_path, progress=False)
 
 
 def test_changed_settings_are_refused(tmp_path, data):

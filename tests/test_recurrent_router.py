@@ -442,3 +442,17 @@ def test_whole_model_reentrant_checkpoint_matches_plain_run():
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-6, atol=1e-7)
     for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_switch_gates_at_k1_give_the_router_a_gradient():
+    torch.manual_seed(11)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for switch in (False, True):
+        group = RecurrentRouterGroup(6, 4, 1, 1, proj_dim=3, softmax_before_topk=switch).double()
+        d = group.routers[0](x, RoutingContext(), 0)
+        probs = torch.softmax(d.logits_TE, -1)
+        want = probs.gather(1, d.experts_TK) if switch else torch.ones_like(d.weights_TK)
+        torch.testing.assert_close(d.weights_TK, want)
+        d.weights_TK.sum().backward()
+        grad = group.routers[0].w2.grad
+        assert (grad is not None and grad.abs().sum() > 0) == switch  # Mixtral gates at k=1: constant 1

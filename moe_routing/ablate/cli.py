@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import remove_stale_temporaries
-from .config import PRESETS, get_preset
+from .config import EVAL_BATCH, PRESETS, get_preset
 from .data import encode_docs, load_corpus, make_tokenizer, val_batches
 from .registry import ROUTER_BUILDERS, RouterUnavailable, build_model, check_router_names
 from .results import aggregate, format_table, write_results
@@ -29,6 +29,8 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct integers, got {text!r}")
     return values
 
 
@@ -64,16 +66,21 @@ def run(args: argparse.Namespace) -> dict:
                         micro_batch=args.micro_batch, num_experts=args.experts, top_k=args.top_k,
                         ckpt_interval=args.ckpt_interval, eval_interval=args.eval_interval,
                         tokenizer=args.tokenizer, threads=args.threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as 'cpu' or 'cuda:0', got {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     out = Path(args.out or f"runs/ablate-{preset.name}")
     corpus = load_corpus(args.data)
     if out.exists():
         remove_stale_temporaries(out)
     tok = make_tokenizer(preset.tokenizer, corpus, preset.bpe_vocab, out / "tokenizer-cache")
     train_N, val_N = encode_docs(tok, corpus.train_docs), encode_docs(tok, corpus.val_docs)
-    data = Data(train_N, val_N, val_batches(val_N, preset.eval_batches, preset.micro_batch, preset.seq_len),
+    data = Data(train_N, val_N, val_batches(val_N, preset.eval_batches, EVAL_BATCH, preset.seq_len),
                 tok.vocab_size, tok.name)
     print(f"moe-ablate: preset {preset.name}: D={preset.d_model} L={preset.n_layers} E={preset.num_experts} "
           f"k={preset.top_k} F={preset.expert_hidden} seq={preset.seq_len} batch={preset.global_batch} "
@@ -127,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, an --out that is a file, a full disk
         print(f"moe-ablate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

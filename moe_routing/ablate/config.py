@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 DEFAULT_ROUTERS = ("dense", "topk", "relu", "rmoe", "topk+erc", "topk+dpsl")
+# sequences per validation batch: fixed, so --micro-batch (a memory knob) never changes what is evaluated
+EVAL_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(name="smoke", d_model=32, n_layers=2, n_heads=2, num_experts=4, top_k=1, expert_hidden=32,
                     seq_len=32, global_batch=4, micro_batch=4, steps=20, lr=3e-3, min_lr=3e-4, warmup_frac=0.1,
                     eval_interval=10, eval_batches=2, log_interval=5, ckpt_interval=10, threads=1),
-    # 6 routers x 3 seeds: 4 min 58 s measured on the 2-core VM (273 s CPU; 8 min 15 s under a load average of
+    # 6 routers x 3 seeds: 4 min 6 s measured on the 2-core VM (243 s CPU; 8 min 15 s under a load average of
     # 20-40). One thread: at this size two threads on two shared cores mostly wait on each other.
     "quick": Preset(name="quick", d_model=64, n_layers=2, n_heads=4, num_experts=8, top_k=2, expert_hidden=128,
                     seq_len=64, global_batch=16, micro_batch=16, steps=500, lr=3e-3, min_lr=3e-4,

@@ -30,7 +30,8 @@ def _topk_layers(p: Preset, losses_fn: Callable[[], list]) -> Built:
     # topk vs rmoe differs only in how logits are computed. k = 1: Switch gates (softmax over all E, then
     # top-1): a softmax over one logit is constant 1 and would leave the router no gradient from the LM loss.
     return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
-                     router=TopKRouter(p.d_model, p.num_experts, p.top_k, softmax_before_topk=p.top_k == 1),
+                     router=TopKRouter(p.d_model, p.num_experts, p.top_k, softmax_before_topk=p.top_k == 1,
+                                       init_std=p.init_std),
                      losses=losses_fn(), layer_idx=i) for i in range(p.n_layers)], None
 
 
@@ -46,7 +47,7 @@ def build_topk(p: Preset) -> Built:
 def build_relu(p: Preset) -> Built:
     """ReMoE: ReLU gates, its adaptive L1 loss (the router's default), k is the nominal sparsity target."""
     return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
-                     router=ReLURouter(p.d_model, p.num_experts, p.top_k), layer_idx=i)
+                     router=ReLURouter(p.d_model, p.num_experts, p.top_k, init_std=p.init_std), layer_idx=i)
             for i in range(p.n_layers)], None
 
 
@@ -56,7 +57,8 @@ def build_rmoe(p: Preset) -> Built:
     except ImportError as e:
         raise RouterUnavailable(f"router 'rmoe' needs moe_routing.routers.recurrent.RecurrentRouterGroup ({e})") from e
     # P = 128 as in the paper, but at most D/2: at our tiny widths a P=128 GRU would outweigh the whole model
-    group = RecurrentRouterGroup(p.d_model, p.num_experts, p.top_k, p.n_layers, proj_dim=min(128, p.d_model // 2))
+    group = RecurrentRouterGroup(p.d_model, p.num_experts, p.top_k, p.n_layers, proj_dim=min(128, p.d_model // 2),
+                                 init_std=p.init_std, softmax_before_topk=p.top_k == 1)  # k=1: as topk
     return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k, router=group.routers[i], layer_idx=i)
             for i in range(p.n_layers)], group
 
@@ -96,6 +98,8 @@ def check_router_names(names: list[str]) -> None:
                          f"{list(ROUTER_BUILDERS)}")
     if not names:
         raise ValueError(f"--routers must name at least one of {list(ROUTER_BUILDERS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--routers names a router twice: {names}")
 
 
 def build_model(p: Preset, router: str, seed: int, vocab_size: int) -> TinyLM:

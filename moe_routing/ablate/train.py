@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import sys
@@ -36,6 +37,15 @@ class Data:
     val_batches: list[tuple[Tensor, Tensor]]
     vocab_size: int
     tokenizer: str
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of both token streams: a run resumed or read back on another corpus or tokenizer is refused."""
+        h = hashlib.sha256()
+        for t in (self.train_N, self.val_N):
+            h.update(str(t.dtype).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 def make_optimizer(model: nn.Module, p: Preset) -> torch.optim.AdamW:
@@ -131,7 +141,7 @@ def train_run(p: Preset, router: str, seed: int, data: Data, run_dir: Path, devi
     run_dir = Path(run_dir)
     digest = digest or library_digest()
     fingerprint = {**p.fingerprint(), "router": router, "seed": seed, "tokenizer": data.tokenizer,
-                   "vocab_size": data.vocab_size}
+                   "vocab_size": data.vocab_size, "data_digest": data.digest}
     result_path, ckpt_path = run_dir / RESULT_NAME, run_dir / CKPT_NAME
     if result_path.exists():
         result = json.loads(result_path.read_text())
@@ -164,9 +174,12 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
     saved = read_run_state(ckpt_path)
     if saved is not None:
         _check_fingerprint(saved.get("fingerprint"), fingerprint, ckpt_path)
+        if saved.get("library_digest") != digest:
+            print(f"moe-ablate: warning: resuming {ckpt_path} with other moe_routing sources (digest "
+                  f"{saved.get('library_digest')} != {digest})", file=sys.stderr)
         state = load_checkpoint(ckpt_path, model, optimizer)
         start = state.pop("step")
-    state["fingerprint"] = fingerprint
+    state["fingerprint"], state["library_digest"] = fingerprint, digest
     active, total = count_params(model, p.top_k)
     end = p.steps if stop_at is None else min(stop_at, p.steps)
     model.train()

@@ -82,8 +82,8 @@ class RecurrentRouter(Router):
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, layer_index: int, gru: nn.GRUCell,
-                 group_key: _GroupKey, *, init_std: float = 0.02, strict: bool = False, device=None,
-                 dtype=None) -> None:
+                 group_key: _GroupKey, *, init_std: float = 0.02, softmax_before_topk: bool = False,
+                 strict: bool = False, device=None, dtype=None) -> None:
         super().__init__(hidden_size, num_experts)
         _check_int("top_k", top_k, 1, num_experts)
         _check_int("layer_index", layer_index, 0)
@@ -93,6 +93,7 @@ class RecurrentRouter(Router):
             raise TypeError("group_key must come from a RecurrentRouterGroup; build routers with the group")
         proj_dim = gru.hidden_size
         self.top_k, self.layer_index, self.proj_dim, self.strict = top_k, layer_index, proj_dim, strict
+        self.softmax_before_topk = bool(softmax_before_topk)
         self.w1 = nn.Parameter(torch.empty(proj_dim, hidden_size, **_factory(device, dtype)))
         self.w2 = nn.Parameter(torch.empty(num_experts, proj_dim, **_factory(device, dtype)))
         nn.init.normal_(self.w1, std=init_std)
@@ -170,7 +171,10 @@ class RecurrentRouter(Router):
         scores_TE = logits_TE.softmax(-1)
         # select on logits: softmax can round distinct logits to equal probabilities
         idx_TK = forced_TK if forced_TK is not None else logits_TE.detach().topk(self.top_k, dim=-1).indices
-        gates_TK = logits_TE.gather(1, idx_TK).softmax(-1)
+        if self.softmax_before_topk:  # Switch gates: full softmax at the chosen experts (k=1 keeps a gradient)
+            gates_TK = scores_TE.gather(1, idx_TK)
+        else:
+            gates_TK = logits_TE.gather(1, idx_TK).softmax(-1)
         extra = {} if nonfinite is None else {"nonfinite_tokens": nonfinite}
         return RoutingDecision.from_topk(idx_TK, gates_TK, logits_TE, scores_TE, "softmax", extra)
 
@@ -184,6 +188,9 @@ class RecurrentRouterGroup(nn.Module):
             default is 256).
         init_std: std of the normal init of every layer's ``w1`` [P, D] and ``w2`` [E, P]; the GRU keeps
             ``nn.GRUCell``'s default U(-1/sqrt(P), 1/sqrt(P)) init (the reference code re-initialises it).
+        softmax_before_topk: gates = the softmax over all E at the chosen experts (Switch) instead of the
+            softmax over the k chosen logits (Mixtral, the default and the paper's). With k=1 the Mixtral gate is
+            a constant 1 and the router learns from the aux loss only; use True there.
         strict: raise on non-finite logits on accelerators too (CPU always raises).
 
     ``group.routers[i]`` is layer i's `RecurrentRouter`; use it as ``MoELayer(D, F, E, K, router=group.routers[i])``
@@ -192,7 +199,8 @@ class RecurrentRouterGroup(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_layers: int, proj_dim: int = 128, *,
-                 init_std: float = 0.02, device=None, dtype=None, strict: bool = False) -> None:
+                 init_std: float = 0.02, softmax_before_topk: bool = False, device=None, dtype=None,
+                 strict: bool = False) -> None:
         super().__init__()
         _check_int("hidden_size", hidden_size, 1)
         _check_int("num_experts", num_experts, 1)
@@ -207,7 +215,8 @@ class RecurrentRouterGroup(nn.Module):
         key = _GroupKey()
         self.layer_routers = nn.ModuleList(
             RecurrentRouter(hidden_size, num_experts, top_k, i, self.gru, key, init_std=float(init_std),
-                            strict=strict, device=device, dtype=dtype) for i in range(num_layers))
+                            softmax_before_topk=softmax_before_topk, strict=strict, device=device, dtype=dtype)
+            for i in range(num_layers))
 
     @property
     def routers(self) -> list[RecurrentRouter]:
