@@ -317,3 +317,33 @@ def test_micro_batches_accumulate_to_the_global_batch(tmp_path):
     two = train_run(p.replace(micro_batch=2), "dense", 0, data, tmp_path / "two", progress=False)
     assert one["train_losses"] == pytest.approx(two["train_losses"], rel=1e-5)
     assert one["final_val_loss"] == pytest.approx(two["final_val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("router", ["topk", "relu"])
+def test_micro_batch_aux_scale_and_controller_statistics(router):
+    """Two micro-batches with the trainer's scaling (main loss / 2, aux scale 1/2) accumulate the gradient of
+    mean_i (CE_i + aux_i); the ReLU controller's counts cover both micro-batches before the step."""
+    import torch.nn.functional as F
+
+    p = get_preset("smoke")
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, 1)
+
+    def grads(model, parts, scale):
+        mr.set_aux_loss_scale(model, scale)
+        model.zero_grad()
+        for rows in parts:
+            with mr.routing_context(model):
+                logits = model(x[rows])
+            (F.cross_entropy(logits.flatten(0, 1), y[rows].flatten()) * scale).backward()
+        return {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    model = build_model(p, router, 0, 256).double()
+    accumulated = grads(model, [slice(0, 2), slice(2, 4)], 0.5)
+    if router == "relu":
+        routers = [m.router for _, m in mr.moe_layers(model)]
+        assert all(r.count_accum.item() == 4 * 16 * p.num_experts for r in routers)  # both micro-batches
+    separate = [grads(build_model(p, router, 0, 256).double(), [rows], 1.0) for rows in (slice(0, 2), slice(2, 4))]
+    assert set(accumulated) == set(separate[0])
+    for name, g in accumulated.items():
+        torch.testing.assert_close(g, (separate[0][name] + separate[1][name]) / 2, rtol=1e-9, atol=1e-12)
