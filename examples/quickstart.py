@@ -1,7 +1,7 @@
 """Quickstart: a small model with MoE layers trains on a synthetic task, then prints a routing report.
 
 Task: predict ``(3 * x_t + x_{t-1}) mod V`` from a token and its predecessor, a lookup a dense net of this
-size struggles with and experts can split. Runs on CPU in about a minute: ``make run``.
+size struggles with and experts can split. Runs on CPU in about 15 s: ``.venv/bin/python examples/quickstart.py``.
 """
 from __future__ import annotations
 
