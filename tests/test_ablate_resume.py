@@ -14,7 +14,6 @@ import torch
 
 from moe_routing.ablate.config import get_preset
 from moe_routing.ablate.data import val_batches
-from moe_routing.ablate.registry import RouterUnavailable, build_model
 import moe_routing.ablate.train as train_module
 from moe_routing.ablate.train import CKPT_NAME, Data, train_run
 
@@ -28,18 +27,8 @@ def data():
     return Data(tokens[:16_000], tokens[16_000:], val_batches(tokens[16_000:], 2, 4, 32), 256, "byte")
 
 
-def _available(router: str) -> bool:
-    try:
-        build_model(get_preset("smoke", n_layers=1), router, 0, 256)
-        return True
-    except RouterUnavailable:
-        return False
-
-
 @pytest.mark.parametrize("router", ["relu", "topk", "rmoe", "topk+erc"])
 def test_resume_is_bitwise_equal(tmp_path, data, router):
-    if not _available(router):
-        pytest.skip(f"{router} is not importable in this checkout")
     p = get_preset("smoke", steps=12, ckpt_interval=100, eval_interval=4)
     straight = train_run(p, router, 3, data, tmp_path / "straight", progress=False)
     assert train_run(p, router, 3, data, tmp_path / "split", progress=False, stop_at=6) is None

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from ..decision import RoutingContext, RoutingDecision
-from .base import Router
-from .sinkhorn import forced_experts_TK
+from .base import Router, forced_experts_TK
 
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B      # < 2**27, so a 32-bit value times it stays inside int64

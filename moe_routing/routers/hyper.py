@@ -9,8 +9,7 @@ from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
 from ..losses.balance import SwitchAuxLoss
-from .base import Router, check_finite_logits
-from .sinkhorn import forced_experts_TK
+from .base import Router, check_finite_logits, forced_experts_TK
 
 
 class HyperRouter(Router):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
 from ..losses.balance import SwitchAuxLoss
-from .base import _LOW_PRECISION, Router, check_finite_logits, keep_float32
+from .base import _LOW_PRECISION, Router, check_finite_logits, forced_experts_TK, keep_float32
 
 _CONTEXT_HINT = ("run the model inside `with moe_routing.routing_context(model): ...` (a fresh context per "
                  "forward) or pass ctx=RoutingContext() to every MoE layer")
@@ -141,18 +141,6 @@ class RecurrentRouter(Router):
                              "checkpoint around all of the group's layers")
         return prev.h_TP, generation
 
-    def _forced(self, ctx: RoutingContext, layer_key: object, T: int) -> Optional[Tensor]:
-        if layer_key not in ctx.forced_experts:
-            return None
-        idx = ctx.forced_experts[layer_key]
-        if not isinstance(idx, Tensor) or idx.is_floating_point() or idx.shape != (T, self.top_k):
-            got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
-            raise ValueError(f"forced_experts[{layer_key!r}] must be an integer tensor of shape "
-                             f"[{T}, {self.top_k}], got {got}")
-        if not torch.compiler.is_compiling() and T and bool(((idx < 0) | (idx >= self.num_experts)).any()):
-            raise ValueError(f"forced_experts[{layer_key!r}] has ids outside [0, {self.num_experts})")
-        return idx.long().to(self.w2.device)
-
     def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
         if ctx is None:
             where = (" (this is an activation-checkpoint recomputation during backward: call backward inside "
@@ -162,7 +150,7 @@ class RecurrentRouter(Router):
                              f"{_CONTEXT_HINT}")
         T = x_TD.shape[0]
         hprev_TP, generation = self._previous_state(ctx, T)
-        forced_TK = self._forced(ctx, layer_key, T)  # validated before any compute
+        forced_TK = forced_experts_TK(ctx, layer_key, T, self.top_k, self.num_experts, self.w2.device)  # before compute
 
         h_TP = self.gru(x_TD @ self.w1.t(), hprev_TP)  # hprev None: GRUCell starts from zeros
         ctx.layer_state[(self._group_key, self.layer_index)] = _LayerState(h_TP, generation)

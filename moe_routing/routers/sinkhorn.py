@@ -8,22 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
-from .base import Router, check_finite_logits
-
-
-def forced_experts_TK(ctx: Optional[RoutingContext], layer_key: object, num_tokens: int, top_k: int,
-                      num_experts: int, device: torch.device) -> Optional[Tensor]:
-    """``ctx.forced_experts[layer_key]`` checked to be int [T, K] in [0, E), or None (routing replay)."""
-    if ctx is None or layer_key not in ctx.forced_experts:
-        return None
-    idx = ctx.forced_experts[layer_key]
-    if not isinstance(idx, Tensor) or idx.shape != (num_tokens, top_k) or idx.is_floating_point():
-        got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
-        raise ValueError(f"forced_experts[{layer_key!r}] must be an integer tensor of shape [{num_tokens}, {top_k}], "
-                         f"got {got}")
-    if not torch.compiler.is_compiling() and num_tokens and bool(((idx < 0) | (idx >= num_experts)).any()):
-        raise ValueError(f"forced_experts[{layer_key!r}] has ids outside [0, {num_experts})")
-    return idx.long().to(device)
+from .base import Router, check_finite_logits, forced_experts_TK
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from ..decision import RoutingContext, RoutingDecision
 from ..losses.balance import SequenceAuxLoss, SwitchAuxLoss
 from ..ops.backend import BACKENDS
 from ..ops.topk_softmax import topk_softmax
-from .base import Router, check_finite_logits
+from .base import Router, check_finite_logits, forced_experts_TK
 
 
 class TopKRouter(Router):
@@ -119,17 +119,6 @@ class TopKRouter(Router):
             select_TE = grouped.masked_fill(mask[..., None], float("-inf")).view(T, E)
         return select_TE.topk(self.top_k, dim=-1).indices
 
-    def _forced(self, ctx: Optional[RoutingContext], layer_key: object, T: int) -> Optional[Tensor]:
-        if ctx is None or layer_key not in ctx.forced_experts:
-            return None
-        idx = ctx.forced_experts[layer_key]
-        if idx.shape != (T, self.top_k) or idx.is_floating_point():
-            raise ValueError(f"forced_experts[{layer_key!r}] must be an integer tensor of shape [{T}, {self.top_k}],"
-                             f" got {tuple(idx.shape)} {idx.dtype}")
-        if not torch.compiler.is_compiling() and T and bool(((idx < 0) | (idx >= self.num_experts)).any()):
-            raise ValueError(f"forced_experts[{layer_key!r}] has ids outside [0, {self.num_experts})")
-        return idx.long().to(self.weight.device)
-
     def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
         if self.training and self.jitter_eps > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
@@ -137,7 +126,7 @@ class TopKRouter(Router):
         logits_TE, nonfinite = check_finite_logits(logits_TE, self.strict)
         scores_TE = logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
 
-        idx_TK = self._forced(ctx, layer_key, x_TD.shape[0])
+        idx_TK = forced_experts_TK(ctx, layer_key, x_TD.shape[0], self.top_k, self.num_experts, self.weight.device)
         if idx_TK is None and self.fused_topk is not None:
             gates_TK, idx_TK = topk_softmax(logits_TE, self.top_k, self.fused_topk,
                                             softmax_before_topk=self.softmax_before_topk, normalize=self.normalize)
