@@ -61,9 +61,6 @@ class ExpertChoiceRouter(Router):
         return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"capacity_factor={self.capacity_factor}")
 
-    def default_losses(self) -> list:
-        return []
-
     def capacity(self, num_tokens: int) -> int:
         """Tokens per expert ``min(ceil(capacity_factor * num_tokens / E), num_tokens)``."""
         # exact decimal arithmetic: in floats 1.1 * 100 / 10 is 11.000000000000002 and would round up to 12

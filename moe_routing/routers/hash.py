@@ -113,9 +113,6 @@ class HashRouter(Router):
         return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"vocab_size={self.vocab_size}, seed={self.seed}")
 
-    def default_losses(self) -> list:
-        return []
-
     def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         ids_T = None if ctx is None else ctx.token_ids_T(T)

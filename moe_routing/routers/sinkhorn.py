@@ -104,9 +104,6 @@ class SinkhornRouter(Router):
         return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"tol={self.tol:g}, max_iters={self.max_iters}")
 
-    def default_losses(self) -> list:
-        return []
-
     def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
         T = x_TD.shape[0]
         logits_TE = x_TD @ self.weight.t()
