@@ -10,8 +10,12 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from torch.utils.hooks import RemovableHandle
+
 from .decision import RoutingContext
 from .layer import MoELayer
+from .routers.base import Router
+from .validation import check_float
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
@@ -21,28 +25,46 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
 
 @torch.no_grad()
 def step(model: nn.Module, group=None) -> None:
-    """Run every per-step controller (aux-free bias balancing, adaptive coefficients) once.
+    """Run every per-step controller (aux-free bias balancing, ReMoE's lambda) once.
 
-    Call it after ``optimizer.step()``. Controllers use the statistics accumulated over the micro-batches
-    since the last call, all-reduced over ``group`` (data parallel) when `torch.distributed` is initialised.
+    Call it after ``optimizer.step()``, or let `attach` call it. Controllers use the statistics accumulated over
+    the micro-batches since the last call; every router's statistics are summed over ``group`` (data parallel)
+    in one stacked all-reduce when `torch.distributed` is initialised. Modules other than routers that define
+    ``moe_step(group)`` are called too.
     """
-    joint: dict[type, list] = {}  # controllers that pool statistics over layers (ReLU sparsity)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    Router.moe_step_all(routers, group)
     for module in model.modules():
-        if callable(getattr(type(module), "moe_step_all", None)):
-            joint.setdefault(type(module), []).append(module)
-        elif callable(getattr(module, "moe_step", None)):
+        if not isinstance(module, Router) and callable(getattr(module, "moe_step", None)):
             module.moe_step(group)
-    for cls, modules in joint.items():
-        cls.moe_step_all(modules, group)
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer, group=None) -> RemovableHandle:
+    """Run `step(model, group)` after every ``optimizer.step()`` (an optimizer step post-hook), so no training
+    loop can forget the controllers. Returns the hook's handle (``handle.remove()`` detaches it).
+
+    A step the optimizer skips (AMP's GradScaler on an inf/NaN gradient) runs no controller: its statistics
+    carry over to the next step. Attach once per model and optimizer: attaching twice runs the controllers twice.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+    def run_controllers(opt, args, kwargs) -> None:
+        step(model, group)
+
+    return optimizer.register_step_post_hook(run_controllers)
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
     """Scale the aux-loss gradient injected by every MoE layer (e.g. ``1 / grad_accum_steps``, or the AMP
-    loss scale), as if ``scale * aux_loss`` were added to the training loss."""
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    loss scale), as if ``scale * aux_loss`` were added to the training loss.
+
+    The scale is written in place into each layer's ``aux_loss_scale`` buffer, so a compiled model picks up a
+    new value without recompiling.
+    """
+    value = check_float("scale", scale, 0.0)
     for _, layer in moe_layers(model):
-        layer.aux_loss_scale = float(scale)
+        layer.aux_loss_scale.fill_(value)
 
 
 def aux_losses(model: nn.Module) -> dict[str, dict[str, Tensor]]:

@@ -32,7 +32,8 @@ class RoutingDecision:
         scores_TE: [T, E] routing probabilities / scores (at least float32), for balance losses and metrics.
         num_experts: E.
         top_k: K for fixed-k routers (then N == T*K), else None.
-        score_func: "softmax" | "sigmoid" | other router-specific name; losses normalise non-softmax scores.
+        scores_normalized: whether each row of ``scores_TE`` sums to 1 (softmax, hash); losses and metrics that
+            need a distribution normalise the scores otherwise (sigmoid, ReLU), see ``probs_TE``.
         extra: router-specific detached statistics (e.g. the ReLU router's sparsity), copied into layer stats.
     """
 
@@ -43,12 +44,21 @@ class RoutingDecision:
     scores_TE: Tensor
     num_experts: int
     top_k: Optional[int] = None
-    score_func: str = "softmax"
+    scores_normalized: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
         return self.logits_TE.shape[0]
+
+    @property
+    def probs_TE(self) -> Tensor:
+        """Per-token routing distribution [T, E]: ``scores_TE`` as they are when normalised, else divided by
+        their row sums (an all-zero row stays zero)."""
+        s = self.scores_TE
+        if self.scores_normalized:
+            return s
+        return s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
 
     @property
     def experts_TK(self) -> Optional[Tensor]:
@@ -65,14 +75,14 @@ class RoutingDecision:
         return self.weight_N.view(-1, self.top_k)
 
     @staticmethod
-    def from_topk(experts_TK: Tensor, weights_TK: Tensor, logits_TE: Tensor, scores_TE: Tensor,
-                  score_func: str = "softmax", extra: Optional[dict] = None) -> "RoutingDecision":
+    def from_topk(experts_TK: Tensor, weights_TK: Tensor, logits_TE: Tensor, scores_TE: Tensor, *,
+                  scores_normalized: bool = True, extra: Optional[dict] = None) -> "RoutingDecision":
         """Build a fixed-k decision from ``[T, K]`` expert ids and weights."""
         T, K = experts_TK.shape
         token_N = torch.arange(T, device=experts_TK.device).repeat_interleave(K)
         return RoutingDecision(token_N=token_N, expert_N=experts_TK.reshape(-1).long(),
                                weight_N=weights_TK.reshape(-1), logits_TE=logits_TE, scores_TE=scores_TE,
-                               num_experts=logits_TE.shape[-1], top_k=K, score_func=score_func,
+                               num_experts=logits_TE.shape[-1], top_k=K, scores_normalized=scores_normalized,
                                extra=dict(extra or {}))
 
 

@@ -1,8 +1,7 @@
 """MoELayer: a drop-in ``nn.Module`` wiring router -> losses -> dispatch -> experts -> combine -> stats."""
 from __future__ import annotations
 
-import os
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +9,7 @@ from torch import Tensor, nn
 from .decision import RoutingContext, RoutingDecision
 from .experts import GroupedExperts, SharedExperts
 from .losses.attach import inject_aux_loss
-from .losses.balance import Loss, LossInputs
+from .losses.base import Loss, LossInputs
 from .metrics import layer_stats
 from .ops.backend import check_backend_name, resolve_backend
 from .ops.capacity import DROP_POLICIES, capacity_keep_mask, expert_capacity
@@ -18,6 +17,8 @@ from .ops.combine import combine
 from .ops.counts import expert_counts, inverse_order, sort_by_expert
 from .ops.permute import permute
 from .routers import ROUTERS, Router
+from .settings import debug_checks
+from .validation import check_bool, check_int
 
 
 class MoELayer(nn.Module):
@@ -49,25 +50,28 @@ class MoELayer(nn.Module):
                  losses: Optional[Sequence[Loss]] = None, return_aux_loss: bool = False,
                  layer_idx: Optional[int] = None, track_stats: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        check_int("hidden_size", hidden_size, 1)
+        check_int("num_experts", num_experts, 1)
+        check_int("top_k", top_k, 1, num_experts)
+        check_int("num_shared_experts", num_shared_experts, 0)
+        if layer_idx is not None:
+            check_int("layer_idx", layer_idx, 0)
+        for name, flag in (("return_aux_loss", return_aux_loss), ("track_stats", track_stats)):
+            check_bool(name, flag)
         if capacity_factor is not None:
             expert_capacity(capacity_factor, 1, 1, 1)  # validates > 0
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
-        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.backend = check_backend_name(backend)
         self.return_aux_loss = return_aux_loss
         self.layer_idx = layer_idx
         self.track_stats = track_stats
-        self.aux_loss_scale = 1.0
+        # a tensor updated in place (`set_aux_loss_scale`), not a Python float: a compiled graph or CUDA graph
+        # reads it as an input, so a changing scale (AMP, accumulation) is never baked in as a constant
+        self.register_buffer("aux_loss_scale", torch.ones((), dtype=torch.float32, device=device),
+                             persistent=False)
         self.router = self._build_router(router, router_kwargs or {}, device, dtype)
         self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, expert_impl,
                                       device=device, dtype=dtype)
@@ -75,8 +79,9 @@ class MoELayer(nn.Module):
                                              device=device, dtype=dtype) if num_shared_experts else None)
         self.losses = list(self.router.default_losses() if losses is None else losses)
         for loss in self.losses:
-            if not callable(loss):
-                raise TypeError(f"losses must be callables (e.g. SwitchAuxLoss), got {type(loss).__name__}")
+            if not isinstance(loss, Loss):
+                raise TypeError(f"losses must be Loss instances (e.g. SwitchAuxLoss(1e-2)), got "
+                                f"{type(loss).__name__}")
         self.last_stats: dict[str, Tensor] = {}
         self.last_aux_losses: dict[str, Tensor] = {}
         self._ctx: Optional[RoutingContext] = None
@@ -87,8 +92,8 @@ class MoELayer(nn.Module):
                 raise ValueError(f"router has num_experts={router.num_experts}, hidden_size={router.hidden_size}; "
                                  f"the layer has {self.num_experts}, {self.hidden_size}")
             # variable-k routers expose their nominal k as top_k; losses and capacity use the layer's
-            k = getattr(router, "top_k", None)
-            if isinstance(k, int) and not isinstance(k, bool) and k != self.top_k:
+            k = router.top_k
+            if k != self.top_k:
                 raise ValueError(f"router has top_k={k} but the layer has top_k={self.top_k}; pass the same k "
                                  "to both")
             return router
@@ -97,6 +102,15 @@ class MoELayer(nn.Module):
         # dtype: a float64 layer gets a float64 router; bf16/fp16 give float32 (the router keeps float32)
         return ROUTERS[router](self.hidden_size, self.num_experts, self.top_k, **{"device": device, "dtype": dtype,
                                                                                   **kwargs})
+
+    def _apply(self, fn: Callable, recurse: bool = True):  # noqa: D401 - torch override
+        # the aux-loss scale stays float32 under model.to(bf16): 1/3 in bf16 would skew the aux gradient
+        scale = self._buffers["aux_loss_scale"]
+        out = super()._apply(fn, recurse)
+        new = self._buffers["aux_loss_scale"]
+        if new.dtype != torch.float32:
+            self._buffers["aux_loss_scale"] = scale.to(device=new.device, dtype=torch.float32)
+        return out
 
     @property
     def layer_key(self) -> object:
@@ -126,7 +140,7 @@ class MoELayer(nn.Module):
             lens = ctx.seq_lens
             if x.device.type == "cpu":
                 lens = lens.to(x.device)  # bringing them to the host syncs anyway, so they are checked there
-            if lens.device.type == "cpu" or _debug_checks():
+            if lens.device.type == "cpu" or debug_checks():
                 if lens.dim() != 1 or int(lens.sum()) != T or bool((lens < 0).any()):
                     raise ValueError(f"seq_lens must be a 1-D tensor of non-negative lengths summing to the token "
                                      f"count {T}, got shape {tuple(lens.shape)} and sum {int(lens.sum())}")
@@ -146,6 +160,8 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, self.hidden_size)
         T = x_TD.shape[0]
         if T == 0:
+            # nothing was routed: stale stats of the previous batch must not be reported as this one's
+            self.last_stats, self.last_aux_losses = {}, {}
             y = x * 0  # empty; stays in x's graph so a backward through an empty micro-batch works
             return (y, x.new_zeros((), dtype=torch.float32)) if self.return_aux_loss else y
         # seq_lens: validated once, before any compute and while still on the host, whether or not a loss reads it
@@ -155,13 +171,13 @@ class MoELayer(nn.Module):
         pad_T = ctx.padding_T(T) if ctx is not None else None
         valid_T = None if pad_T is None else ~pad_T
 
-        decision = self.router(x_TD, ctx, self.layer_key)
-        aux = self._losses(decision, x, ctx, valid_T, seqs)
+        decision = self.router(x_TD, ctx, self.layer_key, backend)
+        aux, loss_stats = self._losses(decision, x, ctx, valid_T, seqs)
         y_TD, load_E, routed, dropped = self._dispatch(x_TD, decision, valid_T, backend)
         if self.shared_experts is not None:
             y_TD = y_TD + self._run(self.shared_experts, x_TD)
         if self.track_stats:
-            self.last_stats = layer_stats(decision, load_E, routed, dropped, valid_T)
+            self.last_stats = {**layer_stats(decision, load_E, routed, dropped, valid_T), **loss_stats}
         y = y_TD.reshape(x.shape).to(x.dtype)
         if self.return_aux_loss:
             return y, aux
@@ -181,8 +197,8 @@ class MoELayer(nn.Module):
             return torch.func.functional_call(module, params, args=(x.to(dtype), *args))
 
     def _losses(self, decision: RoutingDecision, x: Tensor, ctx, valid_T: Optional[Tensor],
-                seqs: Optional[tuple[Optional[Tensor], int]]) -> Tensor:
-        """Sum of the layer's losses (a 0-d tensor), their values kept in ``last_aux_losses``.
+                seqs: Optional[tuple[Optional[Tensor], int]]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Sum of the layer's losses (a 0-d tensor) and their statistics; values kept in ``last_aux_losses``.
 
         Computed when they can matter: grad enabled (training), ``track_stats`` (logging) or
         ``return_aux_loss`` (the caller reads the value). Otherwise -- inference with stats off -- skipped:
@@ -190,15 +206,19 @@ class MoELayer(nn.Module):
         """
         total = decision.logits_TE.new_zeros(())
         self.last_aux_losses = {}
+        stats: dict[str, Tensor] = {}
         if not self.losses or not (torch.is_grad_enabled() or self.track_stats or self.return_aux_loss):
-            return total
+            return total, stats
         seq_T, num_seqs = seqs if seqs is not None else self._sequences(x, ctx, decision.num_tokens)
-        info = LossInputs(valid_T=valid_T, seq_T=seq_T, num_seqs=num_seqs, top_k=self.top_k, layer=self)
+        inputs = LossInputs(decision=decision, top_k=self.top_k, valid_T=valid_T, seq_T=seq_T, num_seqs=num_seqs,
+                            training=self.training, gate_weight_ED=self.router.gate_weight_ED(),
+                            expert_gate_EDF=self.experts.w_gate, l1_coeff=self.router.sparsity_coeff())
         for loss in self.losses:
-            value = loss(decision, info)
-            self.last_aux_losses[getattr(loss, "name", type(loss).__name__)] = value.detach()
-            total = total + value
-        return total
+            out = loss(inputs)
+            self.last_aux_losses[loss.name] = out.value.detach()
+            stats.update(out.stats)
+            total = total + out.value
+        return total, stats
 
     def _dispatch(self, x_TD: Tensor, d: RoutingDecision, valid_T: Optional[Tensor], backend: str):
         token_N, expert_N, weight_N, top_k = d.token_N, d.expert_N, d.weight_N, d.top_k
@@ -227,7 +247,3 @@ class MoELayer(nn.Module):
         load_E = counts_E if valid_N is None else expert_counts(expert_N, E, valid_N.long())
         return y_TD, load_E, routed, dropped
 
-
-def _debug_checks() -> bool:
-    """Value checks that would sync an accelerator run only with ``MOE_ROUTING_DEBUG=1``."""
-    return os.environ.get("MOE_ROUTING_DEBUG") == "1"

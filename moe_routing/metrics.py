@@ -22,11 +22,10 @@ def max_violation(load_E: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def routing_entropy(scores_TE: Tensor, score_func: str = "softmax", valid_T: Optional[Tensor] = None) -> Tensor:
-    """Mean over (non-padding) tokens of the entropy of the per-token routing distribution, in nats."""
-    p = scores_TE.double()
-    if score_func != "softmax":
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+def routing_entropy(probs_TE: Tensor, valid_T: Optional[Tensor] = None) -> Tensor:
+    """Mean over (non-padding) tokens of the entropy of the per-token routing distribution ``probs_TE`` [T, E]
+    (rows summing to 1, `RoutingDecision.probs_TE`), in nats."""
+    p = probs_TE.double()
     h_T = -(p * p.clamp_min(1e-30).log()).sum(-1)
     if valid_T is None:
         return h_T.mean() if h_T.numel() else h_T.sum()
@@ -51,7 +50,7 @@ def layer_stats(decision: RoutingDecision, load_E: Tensor, routed_pairs: Tensor,
     stats = {
         "tokens_per_expert": load_E.detach().clone(),
         "max_vio": max_violation(load_E),
-        "routing_entropy": routing_entropy(decision.scores_TE, decision.score_func, valid_T),
+        "routing_entropy": routing_entropy(decision.probs_TE, valid_T),
         "load_entropy": normalized_load_entropy(load_E),
         "drop_rate": dropped_pairs.double() / routed_pairs.double().clamp_min(1),
         "dropped": dropped_pairs.detach().clone(),

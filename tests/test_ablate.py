@@ -274,18 +274,6 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, argv, message):
     assert not (tmp_path / "x" / "results.csv").exists()
 
 
-def test_router_whose_module_is_missing_is_skipped_with_a_message(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "moe_routing.routers.recurrent", None)  # import now raises ImportError
-    out = tmp_path / "skip"
-    assert cli.main(["--preset", "smoke", "--steps", "2", "--routers", "rmoe,dense", "--seeds", "0",
-                     "--out", str(out), "--no-progress", "--no-plots"]) == 0
-    assert "skipping router 'rmoe': router 'rmoe' needs moe_routing.routers.recurrent" in capsys.readouterr().err
-    results = json.loads((out / "results.json").read_text())
-    assert [r["router"] for r in results["routers"]] == ["dense"] and results["meta"]["skipped_routers"] == ["rmoe"]
-    assert cli.main(["--preset", "smoke", "--routers", "rmoe", "--out", str(out), "--no-progress"]) == 2
-    assert "none of the routers ['rmoe'] can be built" in capsys.readouterr().err
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["--preset", "smoke", "--device", "cuda", "--out", str(tmp_path)]) == 2

@@ -191,7 +191,7 @@ def test_erc_in_layer_matches_naive_and_logs_stats():
     assert stats["erc_router_norm"].item() == pytest.approx(router_norm, rel=1e-12)
     gate_norm = sum(math.sqrt(sum(v * v for v in layer.experts.w_gate[j].flatten().tolist())) for j in range(E)) / E
     assert stats["erc_gate_norm"].item() == pytest.approx(gate_norm, rel=1e-12)
-    assert torch.equal(layer.losses[0].last_stats["erc_eps_mean"], stats["erc_eps_mean"])
+    assert not hasattr(layer.losses[0], "last_stats")  # statistics travel with the value, not on the loss
     assert "erc_eps_mean" in mr.routing_report(layer)["<root>"]
 
 
@@ -267,7 +267,7 @@ def test_erc_skipped_in_eval_and_no_grad_without_drawing_noise():
         assert layer(torch.randn(3, 8))[1].item() == 0.0
     layer.eval()
     assert layer(torch.randn(3, 8))[1].item() == 0.0
-    assert torch.equal(gen.get_state(), state) and loss.last_stats == {}
+    assert torch.equal(gen.get_state(), state) and "erc_eps_mean" not in layer.last_stats
     layer.train()
     assert layer(torch.randn(3, 8))[1].item() > 0
     assert not torch.equal(gen.get_state(), state)
@@ -345,7 +345,7 @@ def test_dpsl_layer_default_prior_matches_naive():
     probs = (x.reshape(-1, D) @ layer.router.weight.detach().t()).softmax(-1)
     ref, _ = naive_dpsl(probs.tolist(), [k / E] * E, (~pad.reshape(-1)).tolist())
     assert aux.item() == pytest.approx(0.3 * ref, rel=1e-11)
-    assert layer.losses[0].last_stats["dpsl_per_expert"].shape == (E,)
+    assert layer.last_stats["dpsl_per_expert"].shape == (E,)
 
 
 def _dirichlet(alpha_E, n, seed):

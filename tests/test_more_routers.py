@@ -210,7 +210,7 @@ def test_sinkhorn_router_train_balances_eval_is_plain_topk(k):
     x = torch.randn(T, D, dtype=torch.float64) + 1.5
     logits = x @ r.weight.detach().t()
     act = logits.sigmoid() if k == 1 else logits.softmax(-1)
-    assert r.score_func == ("sigmoid" if k == 1 else "softmax")
+    assert r.scores_normalized == (k != 1)
 
     r.eval()
     d = r(x)
@@ -327,7 +327,7 @@ def test_hash_router_decision(vocab):
     ids = torch.randint(0, V, (2, 5))
     d = r(torch.randn(10, D), RoutingContext(token_ids=ids))
     expect = r.expert_map[ids.flatten()] if vocab else hash_experts(ids.flatten(), E, 2, 3)
-    assert torch.equal(d.experts_TK, expect) and d.score_func == "hash"
+    assert torch.equal(d.experts_TK, expect) and d.scores_normalized
     assert torch.equal(d.weights_TK, torch.full((10, 2), 0.5)) and torch.equal(d.logits_TE, torch.zeros(10, E))
     assert torch.equal(d.scores_TE, torch.zeros(10, E).scatter_(1, expect, 0.5))
     if vocab:

@@ -71,22 +71,22 @@ def moe(**kw) -> MoELayer:
 
 
 # ---------------------------------------------------------------------------------------------- 1. top_k
-class _NoKRouter(Router):
-    """A router without a ``top_k`` attribute: top-1 of the logits."""
+class _DirectRouter(Router):
+    """A router implementing `route` itself (no GatedRouter hooks): top-1 of the logits."""
 
     def __init__(self):
-        super().__init__(D, E)
+        super().__init__(D, E, 1)
         self.weight = torch.nn.Parameter(torch.randn(E, D) * 0.3)
 
-    def route(self, x_TD, ctx, layer_key):
+    def route(self, x_TD, ctx, layer_key, backend="torch"):
         logits = x_TD @ self.weight.t()
         scores = logits.softmax(-1)
         idx = scores.argmax(-1, keepdim=True)
         return RoutingDecision.from_topk(idx, scores.gather(1, idx), logits, scores)
 
 
-def test_router_without_top_k_and_matching_router_run_forward_backward():
-    for router, k in ((_NoKRouter(), 1), (ReLURouter(D, E, top_k=2), 2)):
+def test_direct_router_and_matching_router_run_forward_backward():
+    for router, k in ((_DirectRouter(), 1), (ReLURouter(D, E, top_k=2), 2)):
         layer = MoELayer(D, F, E, k, router=router).to(torch.bfloat16)
         assert layer.router.weight.dtype == torch.float32
         x = torch.randn(5, D, dtype=torch.bfloat16, requires_grad=True)
@@ -397,9 +397,9 @@ class _CountingLoss(Loss):
         super().__init__(1.0)
         self.calls = 0
 
-    def compute(self, decision, info):
+    def compute(self, inputs):
         self.calls += 1
-        return switch_aux_loss(decision, info.top_k, info.valid_T)
+        return switch_aux_loss(inputs.decision, inputs.top_k, inputs.valid_T)
 
 
 def test_losses_in_no_grad_follow_track_stats_and_return_aux_loss():

@@ -36,7 +36,9 @@ class ComputeSpy:
     (dict(top_k=0), ValueError, "top_k"),
     (dict(top_k=-1), ValueError, "top_k"),
     (dict(top_k=E + 1), ValueError, "top_k"),
-    (dict(top_k=1.5), ValueError, "top_k"),
+    (dict(top_k=1.5), TypeError, "top_k"),
+    (dict(top_k=True), TypeError, "top_k"),
+    (dict(hidden_size=True), TypeError, "hidden_size"),
     (dict(num_experts=0, top_k=1), ValueError, "num_experts"),
     (dict(num_experts=-2, top_k=1), ValueError, "num_experts"),
     (dict(hidden_size=0), ValueError, "hidden_size"),
@@ -158,7 +160,7 @@ def test_seq_lens_must_sum_to_token_count(losses):
 def test_forced_experts_checks():
     moe = layer(layer_idx=0)
     x = torch.randn(5, D)
-    good = torch.zeros(5, 2, dtype=torch.long)
+    good = torch.tensor([[0, 1]] * 5)
     for bad, what in [(torch.full((5, 2), E), "outside"), (torch.full((5, 2), -1), "outside"),
                       (torch.zeros(5, 3, dtype=torch.long), "shape"), (torch.zeros(4, 2, dtype=torch.long), "shape"),
                       (torch.zeros(10, dtype=torch.long), "shape"), (torch.zeros(5, 2), "integer")]:

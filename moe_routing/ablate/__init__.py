@@ -4,6 +4,6 @@
 training with checkpoint/resume, results, plots) live in the sibling modules.
 """
 from .config import PRESETS, Preset, get_preset
-from .registry import ROUTER_BUILDERS, RouterUnavailable, build_model
+from .registry import ROUTER_BUILDERS, build_model
 
-__all__ = ["PRESETS", "Preset", "get_preset", "ROUTER_BUILDERS", "RouterUnavailable", "build_model"]
+__all__ = ["PRESETS", "Preset", "get_preset", "ROUTER_BUILDERS", "build_model"]

@@ -17,7 +17,7 @@ import torch
 from .checkpoint import remove_stale_temporaries
 from .config import EVAL_BATCH, PRESETS, get_preset
 from .data import encode_docs, load_corpus, make_tokenizer, val_batches
-from .registry import ROUTER_BUILDERS, RouterUnavailable, build_model, check_router_names
+from .registry import ROUTER_BUILDERS, check_router_names
 from .results import aggregate, format_table, write_results
 from .train import Data, library_digest, train_run
 
@@ -87,21 +87,10 @@ def run(args: argparse.Namespace) -> dict:
           f"steps={preset.steps}; data {corpus.source}: {train_N.numel()} train / {val_N.numel()} val tokens "
           f"({tok.name}); out {out}", flush=True)
 
-    available = []
-    for r in preset.routers:
-        try:
-            # a tiny stand-in: only whether the router's code imports matters here
-            build_model(preset.replace(n_layers=1, d_model=8, n_heads=2, expert_hidden=8), r, 0, 16)
-            available.append(r)
-        except RouterUnavailable as e:
-            print(f"moe-ablate: skipping router {r!r}: {e}", file=sys.stderr, flush=True)
-    if not available:
-        raise ValueError(f"none of the routers {list(preset.routers)} can be built in this checkout")
-
-    digest = library_digest()  # every router module is imported by now: this is the code the runs use
+    digest = library_digest()
     runs, t0 = [], time.perf_counter()
     for seed in preset.seeds:  # seed-major: an interrupted sweep still has every router for the first seeds
-        for r in available:
+        for r in preset.routers:
             result = train_run(preset, r, seed, data, out / f"{r}" / f"seed{seed}", device=str(device),
                                progress=not args.no_progress, digest=digest)
             runs.append(result)
@@ -109,8 +98,7 @@ def run(args: argparse.Namespace) -> dict:
                   f"({result['tokens_per_s']:.0f} tok/s)", flush=True)
     rows = aggregate(runs)
     meta = {"preset": preset.fingerprint() | {"name": preset.name, "seeds": list(preset.seeds),
-                                              "routers": list(available)},
-            "skipped_routers": [r for r in preset.routers if r not in available],
+                                              "routers": list(preset.routers)},
             "data": corpus.source, "val_docs": corpus.val_names, "tokenizer": tok.name,
             "train_tokens": train_N.numel(), "val_tokens": val_N.numel(), "device": str(device),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

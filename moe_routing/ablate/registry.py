@@ -1,8 +1,7 @@
 """The one place that maps a router name (``--routers``) to how its FFN layers are built.
 
 A builder takes the preset and returns ``(ffns, shared)``: one FFN module per layer and an optional module the
-layers share (registered on the model). Routers written in parallel issues are imported lazily; a missing one
-raises `RouterUnavailable` and the CLI skips it with a message.
+layers share (registered on the model).
 """
 from __future__ import annotations
 
@@ -13,16 +12,15 @@ from torch import nn
 
 from ..layer import MoELayer
 from ..losses.balance import SwitchAuxLoss
+from ..losses.dpsl import DPSLoss
+from ..losses.erc import ERCLoss
+from ..routers.recurrent import RecurrentRouterGroup
 from ..routers.relu import ReLURouter
 from ..routers.topk import TopKRouter
 from .config import Preset
 from .model import SwiGLU, TinyLM
 
 Built = tuple[list[nn.Module], Optional[nn.Module]]
-
-
-class RouterUnavailable(ImportError):
-    """A registered router whose implementation cannot be imported in this checkout."""
 
 
 def _topk_layers(p: Preset, losses_fn: Callable[[], list]) -> Built:
@@ -52,10 +50,6 @@ def build_relu(p: Preset) -> Built:
 
 
 def build_rmoe(p: Preset) -> Built:
-    try:
-        from ..routers.recurrent import RecurrentRouterGroup
-    except ImportError as e:
-        raise RouterUnavailable(f"router 'rmoe' needs moe_routing.routers.recurrent.RecurrentRouterGroup ({e})") from e
     # P = 128 as in the paper, but at most D/2: at our tiny widths a P=128 GRU would outweigh the whole model
     group = RecurrentRouterGroup(p.d_model, p.num_experts, p.top_k, p.n_layers, proj_dim=min(128, p.d_model // 2),
                                  init_std=p.init_std, softmax_before_topk=p.top_k == 1)  # k=1: as topk
@@ -64,18 +58,10 @@ def build_rmoe(p: Preset) -> Built:
 
 
 def build_topk_erc(p: Preset) -> Built:
-    try:
-        from ..losses.erc import ERCLoss
-    except ImportError as e:
-        raise RouterUnavailable(f"router 'topk+erc' needs moe_routing.losses.erc.ERCLoss ({e})") from e
     return _topk_layers(p, lambda: [SwitchAuxLoss(1e-2), ERCLoss()])
 
 
 def build_topk_dpsl(p: Preset) -> Built:
-    try:
-        from ..losses.dpsl import DPSLoss
-    except ImportError as e:
-        raise RouterUnavailable(f"router 'topk+dpsl' needs moe_routing.losses.dpsl.DPSLoss ({e})") from e
     # DPSL shapes the routing distribution itself (balance included): it replaces the switch aux loss
     return _topk_layers(p, lambda: [DPSLoss()])
 
@@ -103,7 +89,7 @@ def check_router_names(names: list[str]) -> None:
 
 
 def build_model(p: Preset, router: str, seed: int, vocab_size: int) -> TinyLM:
-    """The preset's LM with ``router``'s FFNs, initialised from ``seed`` (raises RouterUnavailable/ValueError)."""
+    """The preset's LM with ``router``'s FFNs, initialised from ``seed`` (ValueError for an unknown router)."""
     check_router_names([router])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1_000_003 * seed + 7)  # router inits (their constructors draw from the global RNG)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..control import aux_losses, moe_layers, routing_context, set_aux_loss_scale, step as moe_step, total_aux_loss
+from ..control import attach, aux_losses, moe_layers, routing_context, set_aux_loss_scale, total_aux_loss
 from ..metrics import max_violation
 from ..routers.relu import ReLURouter
 from .checkpoint import (atomic_write_json, load_checkpoint, read_run_state, remove_stale_temporaries,
@@ -68,6 +68,19 @@ def _experts_per_token(model: nn.Module, p: Preset) -> list[float]:
     if not layers:
         return [float(p.top_k)] * p.n_layers
     return [float(layer.last_stats["experts_per_token"]) for _, layer in layers]
+
+
+def _micro_batch_stats(model: nn.Module, p: Preset, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(mean over layers, sum over layers) of the experts each token used in the last forward, as float64
+    device tensors: read on the host only when the step's statistics are flushed."""
+    layers = moe_layers(model)
+    if not layers:
+        total = torch.tensor(float(p.top_k) * p.n_layers, dtype=torch.float64, device=device)
+        return total / p.n_layers, total
+    total = layers[0][1].last_stats["experts_per_token"].to(device, torch.float64)
+    for _, layer in layers[1:]:  # in layer order, as a host-side sum would add them
+        total = total + layer.last_stats["experts_per_token"].to(device, torch.float64)
+    return total / len(layers), total
 
 
 def _relu_state(model: nn.Module) -> Optional[tuple[float, float]]:
@@ -183,17 +196,30 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
     active, total = count_params(model, p.top_k)
     end = p.steps if stop_at is None else min(stop_at, p.steps)
     model.train()
+    attach(model, optimizer)  # ReLU lambda controller and bias balancing after every optimizer step
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=p.steps, initial=start, desc=f"{router} seed {seed}", disable=not progress, leave=False,
                dynamic_ncols=True)
+    # per-step sums stay on the device and are read in one transfer when logged or checkpointed
+    pending: list[Tensor] = []
+
+    def flush() -> list[list[float]]:
+        rows = torch.stack(pending).tolist() if pending else []
+        pending.clear()
+        for loss_sum, _, ept_mean_sum, ept_layer_sum, _ in rows:
+            state["train_losses"].append(loss_sum / p.grad_accum)
+            state["ept_sum"] += ept_mean_sum
+            state["flops_sum"] += ffn_flops_per_token(p.d_model, p.expert_hidden, ept_layer_sum)
+        return rows
+
     for step in range(start, end):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = p.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, aux_sum = 0.0, 0.0
+        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, aux, experts/token mean and layer sum
         x_all, y_all = get_batch(data.train_N, p.global_batch, p.seq_len, seed, step)
         for micro in range(p.grad_accum):
             rows = slice(micro * p.micro_batch, (micro + 1) * p.micro_batch)
@@ -202,23 +228,21 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
                 logits = model(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             (loss / p.grad_accum).backward()
-            loss_sum += loss.item()
-            aux_sum += float(total_aux_loss(model))
-            ept_L = _experts_per_token(model, p)
-            state["ept_sum"] += sum(ept_L) / len(ept_L)
-            state["flops_sum"] += sum(ffn_flops_per_token(p.d_model, p.expert_hidden, e) for e in ept_L)
+            ept_mean, ept_layers = _micro_batch_stats(model, p, dev)
+            sums = sums + torch.stack([loss.detach().to(torch.float64), total_aux_loss(model).to(dev, torch.float64),
+                                       ept_mean, ept_layers])
             state["micro_steps"] += 1
         torch.nn.utils.clip_grad_norm_(model.parameters(), p.clip)
-        optimizer.step()
-        moe_step(model)  # ReLU lambda controller, bias balancing
+        optimizer.step()  # the attached hook runs the routers' controllers
+        pending.append(torch.cat([sums, ept_mean.reshape(1)]))  # + the last micro-batch's experts/token
         state["train_time_s"] += time.perf_counter() - t0
         state["tokens"] += p.global_batch * p.seq_len
-        train_loss = loss_sum / p.grad_accum
-        state["train_losses"].append(train_loss)
         done = step + 1
         if done % p.log_interval == 0 or done == p.steps:
+            _, aux_sum, _, _, last_ept = flush()[-1]
+            train_loss = state["train_losses"][-1]
             row = {"step": done, "loss": train_loss, "aux": aux_sum / p.grad_accum, "lr": p.lr_at(step),
-                   "experts_per_token": sum(ept_L) / len(ept_L)}
+                   "experts_per_token": last_ept}
             for losses in aux_losses(model).values():  # per loss, summed over layers (last micro-batch)
                 for name, value in losses.items():
                     row[f"aux/{name}"] = row.get(f"aux/{name}", 0.0) + float(value)
@@ -226,11 +250,12 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
             if relu is not None:
                 row["relu_sparsity"], row["relu_lambda"] = relu
             state["history"].append(row)
+            bar.set_postfix(loss=f"{train_loss:.3f}")
         if done % p.eval_interval == 0 or done == p.steps:
             state["val_curve"].append([done, evaluate(model, data, p, dev)["val_loss"]])
         bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}")
         if done % p.ckpt_interval == 0 or done == end:
+            flush()
             save_checkpoint(ckpt_path, model, optimizer, done, state)
     bar.close()
     if end < p.steps:

@@ -1,12 +1,13 @@
 """Layer-level losses (balance, z-loss, ReMoE L1, ERC, DPSL) and the aux-loss injector."""
 from .attach import inject_aux_loss
-from .balance import (GlobalBatchAuxLoss, Loss, LossInputs, SequenceAuxLoss, SwitchAuxLoss, ZLoss,
-                      sequence_aux_loss, switch_aux_loss, z_loss)
+from .balance import (GlobalBatchAuxLoss, SequenceAuxLoss, SwitchAuxLoss, ZLoss, sequence_aux_loss,
+                      switch_aux_loss, z_loss)
+from .base import Loss, LossInputs, LossOutput
 from .betainc import betainc
 from .dpsl import DPSLoss, dpsl_loss
 from .erc import ERCLoss, erc_loss
 from .l1 import ReLUL1Loss, relu_l1_loss
 
-__all__ = ["Loss", "LossInputs", "SwitchAuxLoss", "SequenceAuxLoss", "GlobalBatchAuxLoss", "ZLoss",
+__all__ = ["Loss", "LossInputs", "LossOutput", "SwitchAuxLoss", "SequenceAuxLoss", "GlobalBatchAuxLoss", "ZLoss",
            "switch_aux_loss", "sequence_aux_loss", "z_loss", "inject_aux_loss", "ReLUL1Loss",
            "relu_l1_loss", "ERCLoss", "erc_loss", "DPSLoss", "dpsl_loss", "betainc"]

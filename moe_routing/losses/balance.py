@@ -7,8 +7,6 @@ the host on accelerators and breaks ``torch.compile`` graphs.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -16,30 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..decision import RoutingDecision
-
-
-@dataclass
-class LossInputs:
-    """What a layer-level loss may read besides the decision.
-
-    valid_T: bool [T] (False = padding) or None; seq_T: int64 [T] sequence id of each token or None (one
-    sequence); num_seqs: number of sequences; top_k: nominal experts per token; layer: the MoE layer (losses
-    such as ERC read its expert weights).
-    """
-
-    valid_T: Optional[Tensor]
-    seq_T: Optional[Tensor]
-    num_seqs: int
-    top_k: int
-    layer: Any = None
-
-
-def _probs(decision: RoutingDecision) -> Tensor:
-    """Per-token probabilities: softmax scores as they are, other score functions normalised per token."""
-    s = decision.scores_TE
-    if decision.score_func == "softmax":
-        return s
-    return s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+from .base import Loss, LossInputs
 
 
 def _pair_counts(decision: RoutingDecision, valid_T: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -58,7 +33,7 @@ def switch_aux_loss(decision: RoutingDecision, top_k: int, valid_T: Optional[Ten
     parallel) before forming f; P stays local so gradients stay local.
     """
     E = decision.num_experts
-    p_TE = _probs(decision)
+    p_TE = decision.probs_TE
     counts_E = _pair_counts(decision, valid_T, p_TE.dtype)
     if valid_T is None:
         num_tokens = torch.tensor(float(p_TE.shape[0]), dtype=p_TE.dtype, device=p_TE.device)
@@ -106,27 +81,6 @@ def z_loss(decision: RoutingDecision, valid_T: Optional[Tensor] = None) -> Tenso
     return (z_T * w_T).sum() / w_T.sum().clamp_min(1)
 
 
-class Loss(ABC):
-    """A layer-level loss: ``coeff * formula``. Subclasses define ``name`` and ``compute``."""
-
-    name = "loss"
-
-    def __init__(self, coeff: float) -> None:
-        if not isinstance(coeff, (int, float)) or coeff < 0:
-            raise ValueError(f"{type(self).__name__} coeff must be a non-negative number, got {coeff!r}")
-        self.coeff = float(coeff)
-
-    @abstractmethod
-    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
-        """The loss without its coefficient (a scalar tensor)."""
-
-    def __call__(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
-        return self.coeff * self.compute(decision, info)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(coeff={self.coeff:g})"
-
-
 class SwitchAuxLoss(Loss):
     """Switch-Transformer auxiliary balance loss over the micro-batch."""
 
@@ -135,8 +89,8 @@ class SwitchAuxLoss(Loss):
     def __init__(self, coeff: float = 1e-2) -> None:
         super().__init__(coeff)
 
-    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
-        return switch_aux_loss(decision, info.top_k, info.valid_T)
+    def compute(self, inputs: LossInputs) -> Tensor:
+        return switch_aux_loss(inputs.decision, inputs.top_k, inputs.valid_T)
 
 
 class GlobalBatchAuxLoss(Loss):
@@ -148,8 +102,8 @@ class GlobalBatchAuxLoss(Loss):
         super().__init__(coeff)
         self.group = group
 
-    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
-        return switch_aux_loss(decision, info.top_k, info.valid_T, group=self.group, global_batch=True)
+    def compute(self, inputs: LossInputs) -> Tensor:
+        return switch_aux_loss(inputs.decision, inputs.top_k, inputs.valid_T, group=self.group, global_batch=True)
 
 
 class SequenceAuxLoss(Loss):
@@ -160,8 +114,8 @@ class SequenceAuxLoss(Loss):
     def __init__(self, coeff: float = 1e-4) -> None:
         super().__init__(coeff)
 
-    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
-        return sequence_aux_loss(decision, info.top_k, info.seq_T, info.num_seqs, info.valid_T)
+    def compute(self, inputs: LossInputs) -> Tensor:
+        return sequence_aux_loss(inputs.decision, inputs.top_k, inputs.seq_T, inputs.num_seqs, inputs.valid_T)
 
 
 class ZLoss(Loss):
@@ -172,5 +126,5 @@ class ZLoss(Loss):
     def __init__(self, coeff: float = 1e-3) -> None:
         super().__init__(coeff)
 
-    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
-        return z_loss(decision, info.valid_T)
+    def compute(self, inputs: LossInputs) -> Tensor:
+        return z_loss(inputs.decision, inputs.valid_T)

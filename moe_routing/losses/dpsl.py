@@ -22,8 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..decision import RoutingDecision
-from .balance import Loss, LossInputs, _probs
+from .base import Loss, LossInputs
 from .betainc import betainc, iterations_for
 
 
@@ -87,8 +86,8 @@ class DPSLoss(Loss):
 
     DPSL controls balance itself (each marginal has mean ``alpha_e / A``), so it is meant to *replace* the
     switch aux loss: ``MoELayer(..., losses=[DPSLoss()])`` (adding both works but double-counts balance).
-    Padding tokens (``info.valid_T``) are excluded. ``last_stats["dpsl_per_expert"]`` holds the detached [E]
-    per-expert terms of the last forward. Needs E >= 2 (a Beta marginal needs ``A - alpha_e > 0``).
+    Padding tokens (``LossInputs.valid_T``) are excluded. Its statistic ``dpsl_per_expert`` (in the layer's
+    ``last_stats``) holds the detached [E] per-expert terms. Needs E >= 2 (a Beta marginal needs ``A - alpha_e > 0``).
     """
 
     name = "dpsl"
@@ -102,7 +101,6 @@ class DPSLoss(Loss):
                 or not 0 <= grad_clip[0] <= grad_clip[1]):
             raise ValueError(f"grad_clip must be a pair (min, max) with 0 <= min <= max, got {grad_clip!r}")
         self.grad_clip = (float(grad_clip[0]), float(grad_clip[1]))
-        self.last_stats: dict[str, Tensor] = {}
         self._alpha_cache: dict[tuple, Tensor] = {}
 
     @staticmethod
@@ -149,17 +147,17 @@ class DPSLoss(Loss):
             raise ValueError(f"concentration has {c.numel()} values but the layer has num_experts={num_experts}")
         return c
 
-    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
-        alpha_E = self.concentration_for(decision.num_experts, info.top_k)
+    def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        decision = inputs.decision
+        alpha_E = self.concentration_for(decision.num_experts, inputs.top_k)
         # the CDF's iteration count comes from host-side hyper-parameters: no device sync
         num_iters = iterations_for(float(alpha_E.sum()))
-        p_TE = _probs(decision)
-        key = (p_TE.device, p_TE.dtype, decision.num_experts, info.top_k)
+        p_TE = decision.probs_TE
+        key = (p_TE.device, p_TE.dtype, decision.num_experts, inputs.top_k)
         if key not in self._alpha_cache:  # one host-to-device copy per device/dtype/layer shape, not per step
             self._alpha_cache[key] = alpha_E.to(device=p_TE.device, dtype=p_TE.dtype)
-        loss_E = _per_expert(p_TE, self._alpha_cache[key], info.valid_T, num_iters, *self.grad_clip)
-        self.last_stats = {"dpsl_per_expert": loss_E.detach()}
-        return loss_E.mean()
+        loss_E = _per_expert(p_TE, self._alpha_cache[key], inputs.valid_T, num_iters, *self.grad_clip)
+        return loss_E.mean(), {"dpsl_per_expert": loss_E.detach()}
 
 
 def _per_expert(p_TE: Tensor, alpha_E: Tensor, valid_T: Optional[Tensor], num_iters: Optional[int],

@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..decision import RoutingDecision
-from .balance import Loss, LossInputs
+from .base import Loss, LossInputs
 
 _CHUNK_BUDGET = 1 << 25  # default: at most ~32M activation elements (E * chunk * F) per chunk
 
@@ -159,15 +158,16 @@ class ERCLoss(Loss):
         chunk_size: experts per chunk when forming ``M`` (None: automatic, see `erc_activation_norms`).
         generator: torch.Generator for the proxy noise (reproducible runs); None uses the default generator.
 
-    Reads ``info.layer.router.weight`` [E, D] and ``info.layer.experts.w_gate`` [E, D, F]; GELU/ReLU experts
-    have no gate projection and raise TypeError (the paper defines ERC on the gate of SwiGLU experts).
+    Reads ``LossInputs.gate_weight_ED`` (the router's [E, D] projection) and ``expert_gate_EDF`` (the experts'
+    ``w_gate`` [E, D, F]); GELU/ReLU experts have no gate projection and raise TypeError (the paper defines ERC
+    on the gate of SwiGLU experts), as does a router without an [E, D] projection (recurrent, hash).
 
     The loss does not depend on the batch. It is computed only in training forwards with grad enabled (it
     exists to shape parameters); otherwise it returns 0 and draws no noise, so evaluation costs nothing and
     leaves the generator untouched. For a measurement in eval, call `erc_loss` directly.
 
-    Logging: each computed forward writes detached scalars to ``self.last_stats`` and to ``decision.extra`` (so
-    they land in the layer's ``last_stats`` and `routing_report`): ``erc_eps_mean`` (mean noise bound, the
+    Statistics (returned with the value, so they land in the layer's ``last_stats`` and `routing_report`):
+    ``erc_eps_mean`` (mean noise bound, the
     paper's specialisation measure), ``erc_router_norm`` (mean ``||R[i]||``), ``erc_gate_norm`` (mean Frobenius
     ``||W_g^j||``), ``erc_act_own`` / ``erc_act_other`` (mean diagonal / off-diagonal ``M``). Read the loss
     together with the norms: it is not scale-invariant.
@@ -185,32 +185,26 @@ class ERCLoss(Loss):
         self.alpha = float(alpha)
         self.chunk_size = chunk_size
         self.generator = generator
-        self.last_stats: dict[str, Tensor] = {}
 
     def __repr__(self) -> str:
         return f"ERCLoss(coeff={self.coeff:g}, alpha={self.alpha:g}, chunk_size={self.chunk_size})"
 
     @staticmethod
-    def _weights(info: LossInputs) -> tuple[Tensor, Tensor]:
-        layer = info.layer
-        if layer is None:
-            raise TypeError("ERCLoss needs info.layer (the MoELayer); pass it in MoELayer(losses=[ERCLoss()])")
-        router_w = getattr(getattr(layer, "router", None), "weight", None)
-        if not isinstance(router_w, Tensor):
-            raise TypeError(f"ERCLoss needs a router with a [E, D] `weight` projection, got "
-                            f"{type(getattr(layer, 'router', None)).__name__}")
-        experts = getattr(layer, "experts", None)
-        w_gate = getattr(experts, "w_gate", None)
-        if not isinstance(w_gate, Tensor):
-            raise TypeError("ERCLoss needs SwiGLU experts with a gate projection `w_gate` [E, D, F]; these experts "
-                            f"have activation={getattr(experts, 'activation', None)!r} and no w_gate")
+    def _weights(inputs: LossInputs) -> tuple[Tensor, Tensor]:
+        router_w, w_gate = inputs.gate_weight_ED, inputs.expert_gate_EDF
+        if router_w is None:
+            raise TypeError("ERCLoss needs a router with an [E, D] projection of the input (LossInputs."
+                            "gate_weight_ED is None: recurrent and hash routers have none)")
+        if w_gate is None:
+            raise TypeError("ERCLoss needs SwiGLU experts with a gate projection `w_gate` [E, D, F] "
+                            "(LossInputs.expert_gate_EDF is None: GELU/ReLU experts have none)")
         _check_weights(router_w, w_gate)
         return router_w, w_gate
 
-    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
-        router_w, w_gate = self._weights(info)
-        if not (info.layer.training and torch.is_grad_enabled()):
-            return torch.zeros((), dtype=torch.float32, device=router_w.device)
+    def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        router_w, w_gate = self._weights(inputs)
+        if not (inputs.training and torch.is_grad_enabled()):
+            return torch.zeros((), dtype=torch.float32, device=router_w.device), {}
         dtype = torch.promote_types(torch.promote_types(router_w.dtype, w_gate.dtype), torch.float32)
         proxy_ED, eps_E = erc_proxies(router_w, self.generator, dtype)
         M_EE = erc_activation_norms(proxy_ED, w_gate, self.chunk_size)
@@ -225,6 +219,4 @@ class ERCLoss(Loss):
                 "erc_act_own": M_EE.detach().diagonal().mean(),
                 "erc_act_other": (M_EE.detach() * off).sum() / max(1, E * (E - 1)),
             }
-        self.last_stats = stats
-        decision.extra.update(stats)
-        return loss
+        return loss, stats

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..decision import RoutingDecision
-from .balance import Loss, LossInputs
+from .base import Loss, LossInputs
 
 
 def relu_l1_loss(decision: RoutingDecision, top_k: int, valid_T: Optional[Tensor] = None) -> Tensor:
@@ -29,15 +29,16 @@ def relu_l1_loss(decision: RoutingDecision, top_k: int, valid_T: Optional[Tensor
 
 
 class ReLUL1Loss(Loss):
-    """``lambda * relu_l1_loss`` with lambda the router's adaptive ``l1_coeff`` (times ``coeff``, default 1)."""
+    """``lambda * relu_l1_loss`` with lambda the router's adaptive coefficient (``LossInputs.l1_coeff``, set by
+    `ReLURouter`'s controller), times ``coeff`` (default 1)."""
 
     name = "relu_l1"
 
     def __init__(self, coeff: float = 1.0) -> None:
         super().__init__(coeff)
 
-    def compute(self, decision: RoutingDecision, info: LossInputs) -> Tensor:
-        router = info.layer.router
-        if not hasattr(router, "l1_coeff"):
-            raise TypeError("ReLUL1Loss needs a router with an adaptive l1_coeff (ReLURouter)")
-        return router.l1_coeff * relu_l1_loss(decision, info.top_k, info.valid_T)
+    def compute(self, inputs: LossInputs) -> Tensor:
+        if inputs.l1_coeff is None:
+            raise TypeError("ReLUL1Loss needs a router with an adaptive L1 coefficient (ReLURouter): "
+                            "LossInputs.l1_coeff is None")
+        return inputs.l1_coeff * relu_l1_loss(inputs.decision, inputs.top_k, inputs.valid_T)

@@ -1,5 +1,5 @@
 """Routers decide which experts each token uses; they never dispatch."""
-from .base import Router
+from .base import GatedRouter, Router
 from .expert_choice import ExpertChoiceRouter
 from .hash import HashRouter
 from .hyper import HyperRouter
@@ -12,5 +12,5 @@ from .topk import TopKRouter
 ROUTERS = {"topk": TopKRouter, "relu": ReLURouter, "sinkhorn": SinkhornRouter, "expert_choice": ExpertChoiceRouter,
            "hash": HashRouter, "hyper": HyperRouter}
 
-__all__ = ["Router", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
+__all__ = ["Router", "GatedRouter", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
            "ExpertChoiceRouter", "HashRouter", "HyperRouter", "ROUTERS"]

@@ -7,17 +7,18 @@ from fractions import Fraction
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..decision import RoutingContext, RoutingDecision
-from .base import Router, check_finite_logits
+from ..validation import check_float
+from .base import GatedRouter
 
 _NOT_CAUSAL = ("ExpertChoiceRouter is not causal: which experts a token gets depends on every other token in the "
                "batch, later ones included, so autoregressive decoding cannot reproduce the routing seen in "
                "training (and training lets a token's routing depend on future tokens)")
 
 
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(GatedRouter):
     """Experts choose tokens: ``scores = softmax_E(x @ weight.T)`` [T, E]; expert e takes the ``C`` tokens with the
     highest ``scores[:, e]``, ``C = min(ceil(capacity_factor * T / E), T)`` with T = non-padding tokens.
 
@@ -36,30 +37,19 @@ class ExpertChoiceRouter(Router):
     ``dropped_token_fraction`` (non-padding tokens with no expert), ``max_experts_per_token``.
     """
 
+    variable_k = True
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 2, *,
                  capacity_factor: Optional[float] = None, init_std: float = 0.02, strict: bool = False,
                  device=None, dtype=None) -> None:
-        super().__init__(hidden_size, num_experts)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if capacity_factor is None:
-            capacity_factor = top_k
-        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
-            raise TypeError(f"capacity_factor must be a number, got {capacity_factor!r}")
-        if not 0 < capacity_factor < math.inf:
-            raise ValueError(f"capacity_factor must be > 0 and finite, got {capacity_factor!r}")
-        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std >= 0:
-            raise ValueError(f"init_std must be a number >= 0, got {init_std!r}")
-        self.top_k, self.capacity_factor, self.strict = top_k, capacity_factor, strict
-        factory = {"device": device, "dtype": torch.float32 if dtype in (None, torch.float16, torch.bfloat16)
-                   else dtype}
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
-        nn.init.normal_(self.weight, std=init_std)
+        super().__init__(hidden_size, num_experts, top_k, init_std=init_std, strict=strict, device=device,
+                         dtype=dtype)
+        self.capacity_factor = check_float("capacity_factor", top_k if capacity_factor is None else capacity_factor,
+                                           0.0, low_inclusive=False)
         self._warned_not_causal = False
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"capacity_factor={self.capacity_factor}")
+        return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}"
 
     def capacity(self, num_tokens: int) -> int:
         """Tokens per expert ``min(ceil(capacity_factor * num_tokens / E), num_tokens)``."""
@@ -67,17 +57,14 @@ class ExpertChoiceRouter(Router):
         cap = math.ceil(Fraction(str(self.capacity_factor)) * num_tokens / self.num_experts)
         return min(cap, num_tokens)
 
-    def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
-        if ctx is not None and layer_key in ctx.forced_experts:
-            raise ValueError("ExpertChoiceRouter does not support forced_experts (routing replay): experts choose "
-                             "tokens, so there is no per-token [T, K] choice to replay")
+    def default_losses(self) -> list:
+        return []
+
+    def choose_pairs(self, logits_TE: Tensor, scores_TE: Tensor, ctx: Optional[RoutingContext]) -> RoutingDecision:
         if not self._warned_not_causal:
             self._warned_not_causal = True
             warnings.warn(_NOT_CAUSAL, UserWarning, stacklevel=2)
-        T, E = x_TD.shape[0], self.num_experts
-        logits_TE = x_TD @ self.weight.t()
-        logits_TE, nonfinite = check_finite_logits(logits_TE, self.strict)
-        scores_TE = logits_TE.softmax(-1)
+        T, E = logits_TE.shape
         pad_T = None if ctx is None else ctx.padding_T(T)
         pad_T = None if pad_T is None else pad_T.to(logits_TE.device)
         num_valid = T if pad_T is None else int((~pad_T).sum())
@@ -100,7 +87,5 @@ class ExpertChoiceRouter(Router):
         extra = {"capacity": torch.tensor(cap),
                  "dropped_token_fraction": dropped_T.sum().double() / max(num_valid, 1),
                  "max_experts_per_token": per_token_T.max()}
-        if nonfinite is not None:
-            extra["nonfinite_tokens"] = nonfinite
         return RoutingDecision(token_N=token_N, expert_N=expert_N, weight_N=weight_N, logits_TE=logits_TE,
-                               scores_TE=scores_TE, num_experts=E, top_k=None, score_func="softmax", extra=extra)
+                               scores_TE=scores_TE, num_experts=E, top_k=None, extra=extra)

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..decision import RoutingContext, RoutingDecision
-from .base import Router, forced_experts_TK
+from ..settings import debug_checks
+from ..validation import check_int
+from .base import Router, forced_experts_TK, param_factory
 
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B      # < 2**27, so a 32-bit value times it stays inside int64
@@ -86,24 +87,17 @@ class HashRouter(Router):
             table-free `hash_experts` (ids >= 0).
         seed: seed of the table / hash salt (0).
     The decision's ``logits_TE`` are zeros and ``scores_TE`` the assignment (1/K at the chosen experts), so balance
-    metrics and losses read the actual assignment; ``score_func="hash"``.
+    metrics and losses read the actual assignment. Default losses: none.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1, *, vocab_size: Optional[int] = None,
                  seed: int = 0, device=None, dtype=None) -> None:
-        super().__init__(hidden_size, num_experts)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
-                                       or vocab_size < 1):
-            raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise TypeError(f"seed must be a non-negative int, got {seed!r}")
-        self.top_k, self.vocab_size, self.seed = top_k, vocab_size, seed
+        super().__init__(hidden_size, num_experts, top_k)
+        self.vocab_size = None if vocab_size is None else check_int("vocab_size", vocab_size, 1)
+        self.seed = check_int("seed", seed, 0)
         # an empty float buffer that follows module casts (float64 yes, bf16/fp16 no: see Router._apply), so the
         # gate weights take the dtype a parametrised router would compute in
-        self.register_buffer("_gate_dtype", torch.zeros(0, device=device, dtype=torch.float32 if dtype in (
-            None, torch.float16, torch.bfloat16) else dtype), persistent=False)
+        self.register_buffer("_gate_dtype", torch.zeros(0, **param_factory(device, dtype)), persistent=False)
         if vocab_size is not None:
             self.register_buffer("expert_map", balanced_expert_map(vocab_size, num_experts, top_k, seed).to(device))
         else:
@@ -113,7 +107,8 @@ class HashRouter(Router):
         return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"vocab_size={self.vocab_size}, seed={self.seed}")
 
-    def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
+    def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object,
+              backend: str = "torch") -> RoutingDecision:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         ids_T = None if ctx is None else ctx.token_ids_T(T)
         if ids_T is None:
@@ -121,8 +116,7 @@ class HashRouter(Router):
                              "`with moe_routing.routing_context(model, token_ids=ids):` (ids int [T] or [B, S]), "
                              "or pass RoutingContext(token_ids=ids) to the layer")
         ids_T = ids_T.to(x_TD.device).long()
-        if not torch.compiler.is_compiling() and T and (ids_T.device.type == "cpu"
-                                                          or os.environ.get("MOE_ROUTING_DEBUG") == "1"):
+        if not torch.compiler.is_compiling() and T and (ids_T.device.type == "cpu" or debug_checks()):
             high = self.vocab_size if self.vocab_size is not None else math.inf
             lo, hi = int(ids_T.min()), int(ids_T.max())
             if lo < 0 or hi >= high:
@@ -135,4 +129,4 @@ class HashRouter(Router):
         weights_TK = torch.full((T, K), 1.0 / K, dtype=dtype, device=x_TD.device)
         logits_TE = torch.zeros(T, E, dtype=dtype, device=x_TD.device)
         scores_TE = torch.zeros_like(logits_TE).scatter_(1, experts_TK, 1.0 / K)
-        return RoutingDecision.from_topk(experts_TK, weights_TK, logits_TE, scores_TE, "hash")
+        return RoutingDecision.from_topk(experts_TK, weights_TK, logits_TE, scores_TE)

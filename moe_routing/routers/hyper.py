@@ -7,12 +7,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..decision import RoutingContext, RoutingDecision
-from ..losses.balance import SwitchAuxLoss
-from .base import Router, check_finite_logits, forced_experts_TK
+from ..decision import RoutingContext
+from ..validation import check_bool, check_int
+from .base import GatedRouter, param_factory, softmax_over_chosen
 
 
-class HyperRouter(Router):
+class HyperRouter(GatedRouter):
     """Top-k softmax router whose projection is generated: ``[W | b] = hypernet(embedding)``.
 
     ``hypernet`` = Linear(embed_dim, hyper_hidden) -> ReLU -> Linear(hyper_hidden, E * (D + 1)) is random and
@@ -40,40 +40,28 @@ class HyperRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 2, *, embed_dim: Optional[int] = None,
                  hyper_hidden: int = 64, bias: bool = True, init_std: float = 0.02, strict: bool = False,
                  device=None, dtype=None) -> None:
-        super().__init__(hidden_size, num_experts)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        embed_dim = hidden_size if embed_dim is None else embed_dim
-        for name, value in (("embed_dim", embed_dim), ("hyper_hidden", hyper_hidden)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
-        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std >= 0:
-            raise ValueError(f"init_std must be a number >= 0, got {init_std!r}")
-        self.top_k, self.strict, self.has_bias = top_k, strict, bias
-        self.embed_dim, self.hyper_hidden = embed_dim, hyper_hidden
-        factory = {"device": device, "dtype": torch.float32 if dtype in (None, torch.float16, torch.bfloat16)
-                   else dtype}
+        super().__init__(hidden_size, num_experts, top_k, init_std=init_std, strict=strict, gate_weight=False,
+                         device=device, dtype=dtype)
+        self.embed_dim = check_int("embed_dim", hidden_size if embed_dim is None else embed_dim, 1)
+        self.hyper_hidden = check_int("hyper_hidden", hyper_hidden, 1)
+        self.has_bias = check_bool("bias", bias)
+        factory = param_factory(device, dtype)
         # registered first: Router.math_dtype reads the first parameter
-        self.embedding = nn.Parameter(torch.randn(embed_dim, **factory))
+        self.embedding = nn.Parameter(torch.randn(self.embed_dim, **factory))
         out_features = num_experts * (hidden_size + (1 if bias else 0))
-        self.hypernet = nn.Sequential(nn.Linear(embed_dim, hyper_hidden, **factory), nn.ReLU(),
+        self.hypernet = nn.Sequential(nn.Linear(self.embed_dim, hyper_hidden, **factory), nn.ReLU(),
                                       nn.Linear(hyper_hidden, out_features, **factory))
         with torch.no_grad():
             first, last = self.hypernet[0], self.hypernet[2]
-            first.weight.normal_(0.0, 1.0 / math.sqrt(embed_dim))
-            last.weight.normal_(0.0, init_std * math.sqrt(2.0 / hyper_hidden))
+            first.weight.normal_(0.0, 1.0 / math.sqrt(self.embed_dim))
+            last.weight.normal_(0.0, self.init_std * math.sqrt(2.0 / hyper_hidden))
             first.bias.zero_()
             last.bias.zero_()
         self.hypernet.requires_grad_(False)
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"embed_dim={self.embed_dim}, hyper_hidden={self.hyper_hidden}, bias={self.has_bias}")
-
-    def default_losses(self) -> list:
-        return [SwitchAuxLoss(1e-2)]
+        return (f"{super().extra_repr()}, embed_dim={self.embed_dim}, hyper_hidden={self.hyper_hidden}, "
+                f"bias={self.has_bias}")
 
     def generate(self) -> tuple[Tensor, Optional[Tensor]]:
         """The generated router weight ``W`` [E, D] and bias ``b`` [E] (None without bias); differentiable
@@ -94,16 +82,13 @@ class HyperRouter(Router):
         """Current generated logit bias [E], or None."""
         return self.generate()[1]
 
-    def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
+    def gating(self, x_TD: Tensor, ctx: Optional[RoutingContext]) -> Tensor:
         w_ED, b_E = self.generate()
         logits_TE = x_TD @ w_ED.t()
-        if b_E is not None:
-            logits_TE = logits_TE + b_E
-        logits_TE, nonfinite = check_finite_logits(logits_TE, self.strict)
-        scores_TE = logits_TE.softmax(-1)
-        idx_TK = forced_experts_TK(ctx, layer_key, x_TD.shape[0], self.top_k, self.num_experts, logits_TE.device)
-        if idx_TK is None:
-            idx_TK = logits_TE.detach().topk(self.top_k, dim=-1).indices
-        gates_TK = logits_TE.gather(1, idx_TK).softmax(-1)
-        extra = {} if nonfinite is None else {"nonfinite_tokens": nonfinite}
-        return RoutingDecision.from_topk(idx_TK, gates_TK, logits_TE, scores_TE, "softmax", extra)
+        return logits_TE if b_E is None else logits_TE + b_E
+
+    def select(self, logits_TE: Tensor, scores_TE: Tensor, ctx: Optional[RoutingContext]) -> Tensor:
+        return logits_TE.detach().topk(self.top_k, dim=-1).indices
+
+    def gates(self, experts_TK: Tensor, logits_TE: Tensor, scores_TE: Tensor) -> Tensor:
+        return softmax_over_chosen(experts_TK, logits_TE)

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
-from ..losses.balance import SwitchAuxLoss
-from .base import _LOW_PRECISION, Router, check_finite_logits, forced_experts_TK, keep_float32
+from ..validation import check_float, check_int
+from .base import GatedRouter, keep_float32, param_factory, softmax_over_chosen
 
 _CONTEXT_HINT = ("run the model inside `with moe_routing.routing_context(model): ...` (a fresh context per "
                  "forward) or pass ctx=RoutingContext() to every MoE layer")
@@ -56,20 +56,7 @@ def _not_in_backward() -> bool:
     return torch._C._current_graph_task_id() == -1
 
 
-def _check_int(name: str, value: object, low: int, high: Optional[int] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
-
-
-def _factory(device, dtype) -> dict:
-    # like every router: float32 parameters unless float64 is asked for
-    return {"device": device, "dtype": torch.float32 if dtype in (None, *_LOW_PRECISION) else dtype}
-
-
-class RecurrentRouter(Router):
+class RecurrentRouter(GatedRouter):
     """Layer ``layer_index`` of a `RecurrentRouterGroup` (build it through the group, which owns the GRU).
 
     Parameters: ``w1`` [P, D] (input projection), ``w2`` [E, P] (expert logits), both normal(0, init_std);
@@ -84,29 +71,27 @@ class RecurrentRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, layer_index: int, gru: nn.GRUCell,
                  group_key: _GroupKey, *, init_std: float = 0.02, softmax_before_topk: bool = False,
                  strict: bool = False, device=None, dtype=None) -> None:
-        super().__init__(hidden_size, num_experts)
-        _check_int("top_k", top_k, 1, num_experts)
-        _check_int("layer_index", layer_index, 0)
+        super().__init__(hidden_size, num_experts, top_k, init_std=init_std, strict=strict, gate_weight=False,
+                         device=device, dtype=dtype)
+        self.layer_index = check_int("layer_index", layer_index, 0)
         if not isinstance(gru, nn.GRUCell) or gru.input_size != gru.hidden_size:
             raise TypeError(f"gru must be an nn.GRUCell(P, P), got {gru!r}")
         if not isinstance(group_key, _GroupKey):
             raise TypeError("group_key must come from a RecurrentRouterGroup; build routers with the group")
-        proj_dim = gru.hidden_size
-        self.top_k, self.layer_index, self.proj_dim, self.strict = top_k, layer_index, proj_dim, strict
+        self.proj_dim = gru.hidden_size
         self.softmax_before_topk = bool(softmax_before_topk)
-        self.w1 = nn.Parameter(torch.empty(proj_dim, hidden_size, **_factory(device, dtype)))
-        self.w2 = nn.Parameter(torch.empty(num_experts, proj_dim, **_factory(device, dtype)))
-        nn.init.normal_(self.w1, std=init_std)
-        nn.init.normal_(self.w2, std=init_std)
+        self.w1 = nn.Parameter(torch.empty(self.proj_dim, hidden_size, **param_factory(device, dtype)))
+        self.w2 = nn.Parameter(torch.empty(num_experts, self.proj_dim, **param_factory(device, dtype)))
+        nn.init.normal_(self.w1, std=self.init_std)
+        nn.init.normal_(self.w2, std=self.init_std)
         self.gru = gru
         self._group_key = group_key
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"proj_dim={self.proj_dim}, layer_index={self.layer_index}")
+        return f"{super().extra_repr()}, proj_dim={self.proj_dim}, layer_index={self.layer_index}"
 
-    def default_losses(self) -> list:
-        return [SwitchAuxLoss(1e-2)]
+    def gate_weight_ED(self) -> Optional[Tensor]:
+        return None  # the logits come from the recurrent state, not from a projection of x alone
 
     def _previous_state(self, ctx: RoutingContext, T: int) -> tuple[Optional[Tensor], int]:
         """``(hprev_TP or None at layer 0, generation)``; raises ValueError on out-of-order or stale state."""
@@ -141,30 +126,30 @@ class RecurrentRouter(Router):
                              "checkpoint around all of the group's layers")
         return prev.h_TP, generation
 
-    def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
+    def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object,
+              backend: str = "torch") -> RoutingDecision:
         if ctx is None:
             where = (" (this is an activation-checkpoint recomputation during backward: call backward inside "
                      "the routing_context block, or pass ctx through the checkpointed function)"
                      if not _not_in_backward() else "")
             raise ValueError(f"RecurrentRouter needs a RoutingContext to carry its state between layers{where}; "
                              f"{_CONTEXT_HINT}")
-        T = x_TD.shape[0]
-        hprev_TP, generation = self._previous_state(ctx, T)
-        forced_TK = forced_experts_TK(ctx, layer_key, T, self.top_k, self.num_experts, self.w2.device)  # before compute
+        return super().route(x_TD, ctx, layer_key, backend)
 
+    def gating(self, x_TD: Tensor, ctx: Optional[RoutingContext]) -> Tensor:
+        hprev_TP, generation = self._previous_state(ctx, x_TD.shape[0])
         h_TP = self.gru(x_TD @ self.w1.t(), hprev_TP)  # hprev None: GRUCell starts from zeros
         ctx.layer_state[(self._group_key, self.layer_index)] = _LayerState(h_TP, generation)
-        logits_TE = h_TP @ self.w2.t()
-        logits_TE, nonfinite = check_finite_logits(logits_TE, self.strict)
-        scores_TE = logits_TE.softmax(-1)
+        return h_TP @ self.w2.t()
+
+    def select(self, logits_TE: Tensor, scores_TE: Tensor, ctx: Optional[RoutingContext]) -> Tensor:
         # select on logits: softmax can round distinct logits to equal probabilities
-        idx_TK = forced_TK if forced_TK is not None else logits_TE.detach().topk(self.top_k, dim=-1).indices
+        return logits_TE.detach().topk(self.top_k, dim=-1).indices
+
+    def gates(self, experts_TK: Tensor, logits_TE: Tensor, scores_TE: Tensor) -> Tensor:
         if self.softmax_before_topk:  # Switch gates: full softmax at the chosen experts (k=1 keeps a gradient)
-            gates_TK = scores_TE.gather(1, idx_TK)
-        else:
-            gates_TK = logits_TE.gather(1, idx_TK).softmax(-1)
-        extra = {} if nonfinite is None else {"nonfinite_tokens": nonfinite}
-        return RoutingDecision.from_topk(idx_TK, gates_TK, logits_TE, scores_TE, "softmax", extra)
+            return scores_TE.gather(1, experts_TK)
+        return softmax_over_chosen(experts_TK, logits_TE)
 
 
 class RecurrentRouterGroup(nn.Module):
@@ -190,19 +175,18 @@ class RecurrentRouterGroup(nn.Module):
                  init_std: float = 0.02, softmax_before_topk: bool = False, device=None, dtype=None,
                  strict: bool = False) -> None:
         super().__init__()
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_experts", num_experts, 1)
-        _check_int("top_k", top_k, 1, num_experts)
-        _check_int("num_layers", num_layers, 1)
-        _check_int("proj_dim", proj_dim, 1)
-        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std > 0:
-            raise ValueError(f"init_std must be a float > 0, got {init_std!r}")
+        check_int("hidden_size", hidden_size, 1)
+        check_int("num_experts", num_experts, 1)
+        check_int("top_k", top_k, 1, num_experts)
+        check_int("num_layers", num_layers, 1)
+        check_int("proj_dim", proj_dim, 1)
+        init_std = check_float("init_std", init_std, 0.0, low_inclusive=False)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.num_layers, self.proj_dim = num_layers, proj_dim
-        self.gru = nn.GRUCell(proj_dim, proj_dim, **_factory(device, dtype))
+        self.gru = nn.GRUCell(proj_dim, proj_dim, **param_factory(device, dtype))
         key = _GroupKey()
         self.layer_routers = nn.ModuleList(
-            RecurrentRouter(hidden_size, num_experts, top_k, i, self.gru, key, init_std=float(init_std),
+            RecurrentRouter(hidden_size, num_experts, top_k, i, self.gru, key, init_std=init_std,
                             softmax_before_topk=softmax_before_topk, strict=strict, device=device, dtype=dtype)
             for i in range(num_layers))
 

@@ -1,17 +1,17 @@
 """ReLU router with an adaptive L1 sparsity controller (ReMoE, arXiv 2412.14711)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
-from .base import Router, check_finite_logits
+from ..validation import check_float
+from .base import GatedRouter
 
 
-class ReLURouter(Router):
+class ReLURouter(GatedRouter):
     """``R = ReLU(x @ weight.T)`` (``weight`` [E, D], no bias, no softmax, no top-k): expert e serves token t
     iff ``R[t, e] > 0`` with gate ``R[t, e]``, so experts per token vary (0..E).
 
@@ -22,34 +22,36 @@ class ReLURouter(Router):
         min_l1_coeff: floor for lambda (default lambda_0). Without one, a float32 lambda that keeps shrinking
             reaches a subnormal where ``x * 1.2`` rounds back to ``x`` (2.8e-45 after ~600 steps above target)
             and the controller can never raise it again. max_l1_coeff: ceiling (1e30: keeps lambda finite).
-    The L1 loss (`ReLUL1Loss`, the default loss) reads ``l1_coeff``; `moe_routing.step(model)` updates it once per
-    optimizer step from the sparsity accumulated since the last step, averaged over all ReLU routers of the
-    model (and data-parallel ranks): ``lambda *= alpha`` if sparsity < target else ``lambda /= alpha``.
+    The L1 loss (`ReLUL1Loss`, the default loss) receives ``l1_coeff`` through `LossInputs.l1_coeff`; the
+    controller (`moe_routing.attach` / `moe_routing.step`) updates it once per optimizer step from the sparsity
+    accumulated since the last step, averaged over all ReLU routers of the model (and data-parallel ranks):
+    ``lambda *= alpha`` if sparsity < target else ``lambda /= alpha``. Routing replay (``forced_experts``) is
+    not supported yet and raises.
     """
+
+    variable_k = True
+    scores_normalized = False
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1, *, norm: Optional[str] = None,
                  l1_coeff: float = 1e-8, alpha: float = 1.2, min_l1_coeff: Optional[float] = None,
                  max_l1_coeff: float = 1e30, init_std: float = 0.02, strict: bool = False, device=None,
                  dtype=None) -> None:
-        super().__init__(hidden_size, num_experts)
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        super().__init__(hidden_size, num_experts, top_k, init_std=init_std, strict=strict, device=device,
+                         dtype=dtype)
         if norm not in (None, "rmsnorm"):
             raise ValueError(f"norm must be None or 'rmsnorm', got {norm!r}")
-        if not l1_coeff > 0 or not alpha > 1:
-            raise ValueError(f"l1_coeff must be > 0 and alpha > 1, got {l1_coeff!r}, {alpha!r}")
-        min_l1_coeff = float(l1_coeff) if min_l1_coeff is None else min_l1_coeff
-        if not 0 < min_l1_coeff <= l1_coeff <= max_l1_coeff < float("inf"):
-            raise ValueError(f"need 0 < min_l1_coeff <= l1_coeff <= max_l1_coeff < inf, got {min_l1_coeff!r}, "
+        l1_coeff = check_float("l1_coeff", l1_coeff, 0.0, low_inclusive=False)
+        self.alpha = check_float("alpha", alpha, 1.0, low_inclusive=False)
+        min_l1_coeff = l1_coeff if min_l1_coeff is None else check_float("min_l1_coeff", min_l1_coeff, 0.0,
+                                                                          low_inclusive=False)
+        max_l1_coeff = check_float("max_l1_coeff", max_l1_coeff, 0.0, low_inclusive=False)
+        if not min_l1_coeff <= l1_coeff <= max_l1_coeff:
+            raise ValueError(f"need min_l1_coeff <= l1_coeff <= max_l1_coeff, got {min_l1_coeff!r}, "
                              f"{l1_coeff!r}, {max_l1_coeff!r}")
-        self.top_k, self.alpha, self.strict = top_k, float(alpha), strict
-        self.min_l1_coeff, self.max_l1_coeff = float(min_l1_coeff), float(max_l1_coeff)
-        factory = {"device": device, "dtype": torch.float32 if dtype in (None, torch.float16, torch.bfloat16)
-                   else dtype}
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
-        nn.init.normal_(self.weight, std=init_std)
+        self.min_l1_coeff, self.max_l1_coeff = min_l1_coeff, max_l1_coeff
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.norm = nn.RMSNorm(num_experts, **factory) if norm == "rmsnorm" else None
-        self.register_buffer("l1_coeff", torch.tensor(float(l1_coeff), **factory))
+        self.register_buffer("l1_coeff", torch.tensor(l1_coeff, **factory))
         self.register_buffer("active_accum", torch.zeros((), **factory))  # nnz of R since the last step
         self.register_buffer("count_accum", torch.zeros((), **factory))   # T*E entries since the last step
 
@@ -62,15 +64,17 @@ class ReLURouter(Router):
 
         return [ReLUL1Loss()]
 
-    def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
-        logits_TE = x_TD @ self.weight.t()
-        logits_TE, nonfinite = check_finite_logits(logits_TE, self.strict)
+    def sparsity_coeff(self) -> Optional[Tensor]:
+        return self.l1_coeff
+
+    def scores(self, logits_TE: Tensor) -> Tensor:
         gates_TE = torch.relu(logits_TE)
-        if self.norm is not None:
-            gates_TE = self.norm(gates_TE)
+        return gates_TE if self.norm is None else self.norm(gates_TE)
+
+    def choose_pairs(self, logits_TE: Tensor, scores_TE: Tensor, ctx: Optional[RoutingContext]) -> RoutingDecision:
         active_TE = logits_TE > 0
         token_N, expert_N = active_TE.nonzero(as_tuple=True)  # row-major: sorted by token
-        pad_T = None if ctx is None else ctx.padding_T(x_TD.shape[0])
+        pad_T = None if ctx is None else ctx.padding_T(logits_TE.shape[0])
         valid_active = active_TE if pad_T is None else active_TE[~pad_T]
         if self.should_accumulate():
             with torch.no_grad():
@@ -79,21 +83,20 @@ class ReLURouter(Router):
         extra = {"sparsity": 1.0 - valid_active.float().mean() if valid_active.numel() else torch.zeros(()),
                  "max_experts_per_token": valid_active.sum(-1).max() if valid_active.numel() else torch.zeros(()),
                  "l1_coeff": self.l1_coeff.detach().clone()}
-        if nonfinite is not None:
-            extra["nonfinite_tokens"] = nonfinite
-        return RoutingDecision(token_N=token_N, expert_N=expert_N, weight_N=gates_TE[token_N, expert_N],
-                               logits_TE=logits_TE, scores_TE=gates_TE, num_experts=self.num_experts, top_k=None,
-                               score_func="relu", extra=extra)
+        return RoutingDecision(token_N=token_N, expert_N=expert_N, weight_N=scores_TE[token_N, expert_N],
+                               logits_TE=logits_TE, scores_TE=scores_TE, num_experts=self.num_experts, top_k=None,
+                               scores_normalized=False, extra=extra)
 
-    @staticmethod
+    def step_statistics(self) -> Optional[Tensor]:
+        return torch.stack([self.active_accum, self.count_accum])
+
+    @classmethod
     @torch.no_grad()
-    def moe_step_all(routers: list["ReLURouter"], group=None) -> None:
-        """One controller step for all ReLU routers of a model: sparsity averaged over layers and ranks."""
-        stats = torch.stack([torch.stack([r.active_accum, r.count_accum]).double() for r in routers]).sum(0)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats, group=group)
-        if stats[1] > 0:
-            sparsity = 1.0 - float(stats[0] / stats[1])
+    def apply_step(cls, routers: Sequence["ReLURouter"], statistics: Sequence[Tensor]) -> None:
+        """One controller step for all ReLU routers of a model: sparsity pooled over layers (and ranks)."""
+        active, count = torch.stack(list(statistics)).sum(0).tolist()
+        if count > 0:
+            sparsity = 1.0 - active / count
             for r in routers:
                 r.l1_coeff *= r.alpha if sparsity < r.target_sparsity else 1.0 / r.alpha
                 r.l1_coeff.clamp_(r.min_l1_coeff, r.max_l1_coeff)

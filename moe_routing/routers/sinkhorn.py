@@ -5,10 +5,11 @@ import math
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..decision import RoutingContext, RoutingDecision
-from .base import Router, check_finite_logits, forced_experts_TK
+from ..decision import RoutingContext
+from ..validation import check_float, check_int
+from .base import GatedRouter
 
 
 @torch.no_grad()
@@ -53,7 +54,7 @@ def sinkhorn(logits_TE: Tensor, valid_T: Optional[Tensor] = None, tol: float = 1
     return L + log_row[:, None] + log_col, it, err
 
 
-class SinkhornRouter(Router):
+class SinkhornRouter(GatedRouter):
     """Top-k router whose training-time choice is balanced by Sinkhorn iterations (Megatron-core, S-BASE).
 
     ``logits = x @ weight.T`` (``weight`` [E, D], no bias). Gate activation ``act`` = sigmoid when ``top_k == 1``,
@@ -79,46 +80,31 @@ class SinkhornRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1, *, tol: float = 1e-4,
                  max_iters: int = 100, init_std: float = 0.02, strict: bool = False, device=None,
                  dtype=None) -> None:
-        super().__init__(hidden_size, num_experts)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
-            raise TypeError(f"tol must be a number, got {tol!r}")
-        if not 0 < tol < math.inf:
-            raise ValueError(f"tol must be > 0 and finite, got {tol!r}")
-        if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
-            raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
-        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std >= 0:
-            raise ValueError(f"init_std must be a number >= 0, got {init_std!r}")
-        self.top_k, self.tol, self.max_iters, self.strict = top_k, float(tol), max_iters, strict
-        factory = {"device": device, "dtype": torch.float32 if dtype in (None, torch.float16, torch.bfloat16)
-                   else dtype}
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
-        nn.init.normal_(self.weight, std=init_std)
-
-    @property
-    def score_func(self) -> str:
-        return "sigmoid" if self.top_k == 1 else "softmax"
+        super().__init__(hidden_size, num_experts, top_k, init_std=init_std, strict=strict, device=device,
+                         dtype=dtype)
+        self.tol = check_float("tol", tol, 0.0, low_inclusive=False)
+        self.max_iters = check_int("max_iters", max_iters, 1)
+        self.scores_normalized = top_k != 1
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"tol={self.tol:g}, max_iters={self.max_iters}")
+        return f"{super().extra_repr()}, tol={self.tol:g}, max_iters={self.max_iters}"
 
-    def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object) -> RoutingDecision:
-        T = x_TD.shape[0]
-        logits_TE = x_TD @ self.weight.t()
-        logits_TE, nonfinite = check_finite_logits(logits_TE, self.strict)
-        scores_TE = logits_TE.sigmoid() if self.top_k == 1 else logits_TE.softmax(-1)
-        extra = {} if nonfinite is None else {"nonfinite_tokens": nonfinite}
+    def default_losses(self) -> list:
+        return []
 
-        idx_TK = forced_experts_TK(ctx, layer_key, T, self.top_k, self.num_experts, logits_TE.device)
-        if idx_TK is None and self.training:
-            pad_T = None if ctx is None else ctx.padding_T(T)
-            valid_T = None if pad_T is None else ~pad_T.to(logits_TE.device)
-            log_plan_TE, iters, err = sinkhorn(logits_TE, valid_T, self.tol, self.max_iters)
-            idx_TK = log_plan_TE.topk(self.top_k, dim=-1).indices
-            extra.update(sinkhorn_iters=torch.tensor(iters), sinkhorn_error=torch.tensor(err, dtype=torch.float64))
-        elif idx_TK is None:
-            idx_TK = scores_TE.detach().topk(self.top_k, dim=-1).indices
-        gates_TK = scores_TE.gather(1, idx_TK)
-        return RoutingDecision.from_topk(idx_TK, gates_TK, logits_TE, scores_TE, self.score_func, extra)
+    def scores(self, logits_TE: Tensor) -> Tensor:
+        return logits_TE.sigmoid() if self.top_k == 1 else logits_TE.softmax(-1)
+
+    def select(self, logits_TE: Tensor, scores_TE: Tensor, ctx: Optional[RoutingContext]) -> Tensor:
+        return scores_TE.topk(self.top_k, dim=-1).indices
+
+    def choose(self, logits_TE: Tensor, scores_TE: Tensor, forced_TK: Optional[Tensor],
+               ctx: Optional[RoutingContext], backend: str) -> tuple[Tensor, Tensor, dict]:
+        if forced_TK is not None or not self.training:
+            return super().choose(logits_TE, scores_TE, forced_TK, ctx, backend)
+        pad_T = None if ctx is None else ctx.padding_T(logits_TE.shape[0])
+        valid_T = None if pad_T is None else ~pad_T.to(logits_TE.device)
+        log_plan_TE, iters, err = sinkhorn(logits_TE, valid_T, self.tol, self.max_iters)
+        experts_TK = log_plan_TE.topk(self.top_k, dim=-1).indices
+        extra = {"sinkhorn_iters": torch.tensor(iters), "sinkhorn_error": torch.tensor(err, dtype=torch.float64)}
+        return experts_TK, self.gates(experts_TK, logits_TE, scores_TE), extra
