@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops.grouped_mm import IMPLS, grouped_mm
+from .validation import check_float, check_int
 
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 
@@ -31,8 +32,11 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if expert_impl not in IMPLS:
             raise ValueError(f"expert_impl must be one of {IMPLS}, got {expert_impl!r}")
-        if not isinstance(ffn_hidden_size, int) or ffn_hidden_size < 1:
-            raise ValueError(f"ffn_hidden_size must be a positive int, got {ffn_hidden_size!r}")
+        check_int("num_experts", num_experts, 1)
+        check_int("hidden_size", hidden_size, 1)
+        check_int("ffn_hidden_size", ffn_hidden_size, 1)
+        if init_std is not None:
+            check_float("init_std", init_std, 0.0)
         self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
         self.activation = activation
         self.expert_impl = expert_impl

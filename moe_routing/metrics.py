@@ -46,7 +46,10 @@ def layer_stats(decision: RoutingDecision, load_E: Tensor, routed_pairs: Tensor,
                 valid_T: Optional[Tensor] = None) -> dict[str, Tensor]:
     """Per-forward stats. ``load_E``: pairs each expert processed (after drops, padding excluded);
     ``routed_pairs``/``dropped_pairs``: non-padding pairs before capacity and those dropped by it."""
-    num_tokens = decision.num_tokens if valid_T is None else valid_T.sum()
+    # T as a Python (symbolic) int, never a new tensor built from it: `torch.as_tensor(T)` would pin T as a
+    # constant in a dynamic-shape compiled graph and recompile for every token count
+    per_token = (routed_pairs.double() / torch.sym_max(decision.num_tokens, 1) if valid_T is None
+                 else routed_pairs.double() / valid_T.sum().double().clamp_min(1))
     stats = {
         "tokens_per_expert": load_E.detach().clone(),
         "max_vio": max_violation(load_E),
@@ -55,7 +58,7 @@ def layer_stats(decision: RoutingDecision, load_E: Tensor, routed_pairs: Tensor,
         "drop_rate": dropped_pairs.double() / routed_pairs.double().clamp_min(1),
         "dropped": dropped_pairs.detach().clone(),
         "dead_experts": (load_E == 0).sum(),
-        "experts_per_token": routed_pairs.double() / torch.as_tensor(num_tokens, dtype=torch.float64).clamp_min(1),
+        "experts_per_token": per_token,
     }
     for name, value in decision.extra.items():
         stats[name] = value.detach() if isinstance(value, Tensor) else torch.as_tensor(value)

@@ -260,3 +260,34 @@ def test_dropless_layer_with_padding_compiles_without_graph_breaks():
     stats = dict(layer.last_stats)
     torch.testing.assert_close(y, layer(x, RoutingContext(padding_mask=pad)), rtol=1e-5, atol=1e-6)
     assert stats["tokens_per_expert"].tolist() == layer.last_stats["tokens_per_expert"].tolist()
+
+
+def test_compile_dynamic_runs_ten_token_counts_without_recompiling():
+    """Stats on: nothing in the layer may pin T (e.g. a tensor built from it) in the dynamic graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    layer = MoELayer(D, F, E, K)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, dynamic=True)
+    frames = None
+    for T in range(5, 15):
+        x = torch.randn(T, D, requires_grad=True)
+        compiled(x).sum().backward()
+        assert layer.last_stats["experts_per_token"].item() == pytest.approx(K)
+        if frames is None:
+            frames = counter.frame_count
+    assert counter.frame_count == frames, f"recompiled: {frames} -> {counter.frame_count} frames"
+
+
+def test_compiled_layer_counts_non_finite_tokens_instead_of_raising():
+    """A data-dependent raise cannot be traced: compiled (on CPU too) the layer behaves as on accelerators."""
+    layer = MoELayer(D, F, E, K)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(9, D)
+    x[3, 2], x[5, 0] = float("nan"), float("inf")
+    y = compiled(x)
+    assert int(layer.last_stats["nonfinite_tokens"]) == 2
+    assert torch.isfinite(y[[0, 1, 2, 4, 6, 7, 8]]).all()
+    with pytest.raises(ValueError, match="NaN/inf"):  # eager on CPU still raises
+        layer(x)

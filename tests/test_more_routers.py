@@ -472,3 +472,12 @@ def test_one_expert_and_k_equals_e_with_strided_input(name, n_e, k):
         w = {int(e): d.weight_N[i] for i, e in enumerate(d.expert_N.tolist()) if d.token_N[i] == t}
         rows.append(sum(w[e] * naive_ffn(x[t], ex.w_gate[e], ex.w_up[e], ex.w_down[e], "swiglu") for e in range(n_e)))
     torch.testing.assert_close(y, torch.stack(rows), rtol=1e-10, atol=1e-12)
+
+
+def test_sinkhorn_tolerance_below_the_dtype_floor_warns_and_stops():
+    from moe_routing.routers.sinkhorn import sinkhorn
+
+    L = torch.randn(300, 8, generator=torch.Generator().manual_seed(0)) * 3
+    with pytest.warns(UserWarning, match="below what torch.float32 resolves"):
+        _, iters, err = sinkhorn(L, None, tol=1e-12, max_iters=100_000)
+    assert iters < 1000 and err < 1e-4

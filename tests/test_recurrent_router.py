@@ -456,3 +456,14 @@ def test_switch_gates_at_k1_give_the_router_a_gradient():
         d.weights_TK.sum().backward()
         grad = group.routers[0].w2.grad
         assert (grad is not None and grad.abs().sum() > 0) == switch  # Mixtral gates at k=1: constant 1
+
+
+def test_rerunning_a_later_layer_without_layer_zero_is_detected():
+    group = RecurrentRouterGroup(8, 4, 2, num_layers=2, proj_dim=6)
+    layers = [mr.MoELayer(8, 5, 4, 2, router=r, layer_idx=i) for i, r in enumerate(group.routers)]
+    ctx = RoutingContext()
+    x = torch.randn(3, 8)
+    layers[1](layers[0](x, ctx), ctx)
+    with pytest.raises(ValueError, match="layer 1 already ran in this forward"):
+        layers[1](x, ctx)
+    layers[1](layers[0](x, ctx), ctx)  # a new forward from layer 0 is fine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import moe_routing as mr
 from moe_routing import MoELayer, RoutingContext, TopKRouter, routing_context
 from moe_routing.ops import combine, permute
 from moe_routing.routers import ReLURouter
@@ -289,3 +290,60 @@ def test_hint_arguments_are_checked():
             permute(x, rows, "torch", **kw)
     with pytest.raises(ValueError, match="max_pairs"):
         combine(torch.randn(4, 2), torch.rand(4), torch.arange(4), torch.tensor([0, 0, 1, 2]), 3, None, "torch", 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finite numbers, bools that are not ints, across the package (one helper: moe_routing.validation)
+# --------------------------------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: mr.SwitchAuxLoss(NAN), ValueError, "SwitchAuxLoss coeff must be a finite number >= 0"),
+    (lambda: mr.ZLoss(INF), ValueError, "ZLoss coeff"),
+    (lambda: mr.SequenceAuxLoss(True), TypeError, "SequenceAuxLoss coeff must be a number"),
+    (lambda: mr.ERCLoss(coeff=-1.0), ValueError, "ERCLoss coeff"),
+    (lambda: mr.ERCLoss(alpha=NAN), ValueError, "alpha must be a finite number"),
+    (lambda: mr.ERCLoss(chunk_size=True), TypeError, "chunk_size must be an int"),
+    (lambda: mr.DPSLoss(concentration=NAN), ValueError, "concentration"),
+    (lambda: mr.TopKRouter(D, E, 2, scaling_factor=NAN), ValueError, "scaling_factor must be a finite number"),
+    (lambda: mr.TopKRouter(D, E, 2, bias_update_rate=INF), ValueError, "bias_update_rate must be a finite"),
+    (lambda: mr.TopKRouter(D, E, 2, init_std=NAN), ValueError, "init_std must be a finite number"),
+    (lambda: mr.TopKRouter(D, E, 2, jitter_eps=NAN), ValueError, "jitter_eps"),
+    (lambda: mr.ReLURouter(D, E, 2, alpha=INF), ValueError, "alpha must be a finite number"),
+    (lambda: mr.ReLURouter(D, E, 2, l1_coeff=NAN), ValueError, "l1_coeff"),
+    (lambda: mr.SinkhornRouter(D, E, 2, tol=NAN), ValueError, "tol must be a finite number"),
+    (lambda: mr.SinkhornRouter(D, E, 2, max_iters=True), TypeError, "max_iters must be an int"),
+    (lambda: mr.ExpertChoiceRouter(D, E, 2, capacity_factor=INF), ValueError, "capacity_factor"),
+    (lambda: mr.HashRouter(D, E, 2, vocab_size=True), TypeError, "vocab_size must be an int"),
+    (lambda: mr.HyperRouter(D, E, 2, hyper_hidden=True), TypeError, "hyper_hidden must be an int"),
+    (lambda: mr.RecurrentRouterGroup(D, E, 2, num_layers=True), TypeError, "num_layers must be an int"),
+    (lambda: mr.GroupedExperts(E, D, True), TypeError, "ffn_hidden_size must be an int"),
+    (lambda: mr.MoELayer(D, 4, E, 2, capacity_factor=1e308 * 10), ValueError, "capacity_factor"),
+    (lambda: mr.MoELayer(D, 4, E, 2, layer_idx=True), TypeError, "layer_idx must be an int"),
+    (lambda: mr.MoELayer(D, 4, E, 2, track_stats=1), TypeError, "track_stats must be a bool"),
+])
+def test_non_finite_numbers_and_bools_are_rejected_with_the_argument_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_huge_capacity_factor_runs_dropless():
+    """1e308 is finite: capacity is min(ceil(cf*T*k/E), T), so nothing overflows and nothing drops."""
+    layer = mr.MoELayer(D, 4, E, 2, capacity_factor=1e308)
+    x = torch.randn(11, D)
+    y = layer(x)
+    dropless = mr.MoELayer(D, 4, E, 2)
+    dropless.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(y, dropless(x), rtol=0, atol=0)
+    assert int(layer.last_stats["dropped"]) == 0
+
+
+def test_empty_batch_clears_the_previous_batch_stats():
+    moe = mr.MoELayer(D, 4, E, 2)
+    moe(torch.randn(5, D))
+    assert moe.last_stats and mr.aux_losses(moe)[""]
+    moe(torch.randn(0, D))
+    assert moe.last_stats == {} and mr.aux_losses(moe)[""] == {}
+    assert mr.routing_report(moe) == {}

@@ -16,14 +16,14 @@ Probabilities: ``decision.scores_TE`` for softmax routers (the full softmax over
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from ..validation import check_float
 from .base import Loss, LossInputs
-from .betainc import betainc, iterations_for
+from .betainc import MAX_PARAM, betainc, iterations_for
 
 
 def default_concentration(num_experts: int, top_k: int) -> list[float]:
@@ -110,9 +110,7 @@ class DPSLoss(Loss):
         if isinstance(c, bool):
             raise TypeError("concentration must be None, a positive number or E positive values, got a bool")
         if isinstance(c, (int, float)):
-            if not (math.isfinite(c) and c > 0):
-                raise ValueError(f"concentration must be positive and finite, got {c!r}")
-            return float(c)
+            return check_float("concentration", c, 0.0, MAX_PARAM, low_inclusive=False)
         if isinstance(c, Tensor) and not c.is_floating_point():
             raise TypeError(f"concentration tensor must be floating point, got dtype {c.dtype}")
         try:
@@ -125,8 +123,8 @@ class DPSLoss(Loss):
         if t.dim() != 1 or t.numel() < 2:
             raise ValueError(f"concentration must be a number or a 1-D sequence of E >= 2 values, got shape "
                              f"{tuple(t.shape)}")
-        if not bool(((t > 0) & torch.isfinite(t)).all()):
-            raise ValueError(f"concentration values must be positive and finite, got {t.tolist()}")
+        if not bool(((t > 0) & (t <= MAX_PARAM)).all()):
+            raise ValueError(f"concentration values must lie in (0, {MAX_PARAM:g}], got {t.tolist()}")
         return t
 
     def __repr__(self) -> str:
@@ -140,12 +138,18 @@ class DPSLoss(Loss):
             raise ValueError(f"DPSLoss needs num_experts >= 2, got {num_experts}")
         c = self.concentration
         if c is None:
-            return torch.tensor(default_concentration(num_experts, top_k), dtype=torch.float64)
-        if isinstance(c, float):
-            return torch.full((num_experts,), c, dtype=torch.float64)
-        if c.numel() != num_experts:
+            alpha_E = torch.tensor(default_concentration(num_experts, top_k), dtype=torch.float64)
+        elif isinstance(c, float):
+            alpha_E = torch.full((num_experts,), c, dtype=torch.float64)
+        elif c.numel() != num_experts:
             raise ValueError(f"concentration has {c.numel()} values but the layer has num_experts={num_experts}")
-        return c
+        else:
+            alpha_E = c
+        total = float(alpha_E.sum())
+        if total > MAX_PARAM:  # the Beta CDF's cost grows like sqrt(total); beyond this it is a point mass
+            raise ValueError(f"DPSLoss concentration sums to {total:g} over {num_experts} experts; the Beta "
+                             f"marginals need a sum <= {MAX_PARAM:g} (use a smaller concentration)")
+        return alpha_E
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         decision = inputs.decision

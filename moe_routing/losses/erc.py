@@ -21,13 +21,13 @@ coupling), so `ERCLoss` records the norms beside the mean ``eps`` (the paper's s
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..validation import check_float, check_int
 from .base import Loss, LossInputs
 
 _CHUNK_BUDGET = 1 << 25  # default: at most ~32M activation elements (E * chunk * F) per chunk
@@ -126,11 +126,9 @@ def _check_weights(router_ED: Tensor, w_gate_EDF: Tensor) -> None:
 
 
 def _check_options(alpha: float, chunk_size: Optional[int], generator: Optional[torch.Generator]) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha must be a finite number >= 0 (default 1.0), got {alpha!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_float("alpha", alpha, 0.0)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 

@@ -8,6 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..validation import check_float
 from .counts import expert_counts
 
 DROP_POLICIES = ("weight", "position")
@@ -17,23 +18,25 @@ _INT64_SAFE = 2 ** 62  # products below this cannot overflow int64 in the exact 
 
 def expert_capacity(capacity_factor: float, num_tokens: Union[int, Tensor], top_k: int, num_experts: int,
                     max_tokens: Optional[int] = None) -> Union[int, Tensor]:
-    """``ceil(capacity_factor * T * k / E)``; T counts non-padding tokens.
+    """``min(ceil(capacity_factor * T * k / E), T)``; T counts non-padding tokens (no expert can take more than
+    one pair per token, so a larger capacity would change nothing).
 
     ``num_tokens`` may be a 0-d integer tensor (the non-padding count, on the device): the capacity is then a
     0-d int64 tensor computed exactly in integer arithmetic, with no host sync, whenever ``max_tokens`` (an
     upper bound on T, e.g. the batch's token count) keeps the products inside int64; otherwise the count is
     read on the host (a sync on accelerators) and an int is returned.
     """
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
-        raise TypeError(f"capacity_factor must be a number (or None for dropless), got {capacity_factor!r}")
-    if not 0 < capacity_factor < math.inf:
-        raise ValueError(f"capacity_factor must be > 0 and finite (or None for dropless), got {capacity_factor!r}")
+    check_float("capacity_factor", capacity_factor, 0.0, low_inclusive=False)
     # exact decimal arithmetic: in floats 1.1 * 100 / 10 is 11.000000000000002 and would round up to 12
     frac = Fraction(str(capacity_factor))
+    if isinstance(num_tokens, Tensor) and (num_tokens.dim() != 0 or num_tokens.is_floating_point()):
+        raise ValueError(f"num_tokens must be an int or a 0-d integer tensor, got {num_tokens.dtype} "
+                         f"{tuple(num_tokens.shape)}")
+    if frac * top_k >= num_experts:
+        # capacity >= T: an expert receives at most one pair per token, so nothing can drop; returning T also
+        # keeps a huge factor (1e308) from overflowing the integer comparison downstream
+        return num_tokens.long() if isinstance(num_tokens, Tensor) else num_tokens
     if isinstance(num_tokens, Tensor):
-        if num_tokens.dim() != 0 or num_tokens.is_floating_point():
-            raise ValueError(f"num_tokens must be an int or a 0-d integer tensor, got {num_tokens.dtype} "
-                             f"{tuple(num_tokens.shape)}")
         num, den = frac.numerator * top_k, frac.denominator * num_experts
         if max_tokens is not None and num * max_tokens + den < _INT64_SAFE:
             return (num_tokens.long() * num + (den - 1)) // den  # ceil(num * T / den), exact

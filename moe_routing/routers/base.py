@@ -273,11 +273,13 @@ def renormalized(gates_TK: Tensor) -> Tensor:
 def check_finite_logits(logits_TE: Tensor, strict: bool) -> tuple[Tensor, Optional[Tensor]]:
     """Reject or sanitise non-finite logits so selection never sees NaN/inf.
 
-    On CPU (or with ``strict``) a non-finite logit raises ValueError. On accelerators a check would sync the
-    host, so non-finite entries are replaced by 0 and the number of affected tokens is returned for stats.
+    Eager on CPU (or with ``strict``) a non-finite logit raises ValueError. On accelerators a check would sync
+    the host, and inside a ``torch.compile`` graph a data-dependent raise cannot be traced: there non-finite
+    entries are replaced by 0 and the number of affected tokens is returned for stats (``nonfinite_tokens``).
     """
-    if logits_TE.device.type == "cpu" or strict:
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits_TE).all()):
+    compiling = torch.compiler.is_compiling()
+    if not compiling and (logits_TE.device.type == "cpu" or strict):
+        if not bool(torch.isfinite(logits_TE).all()):
             bad = int((~torch.isfinite(logits_TE)).any(-1).sum())
             raise ValueError(f"router logits contain NaN/inf for {bad} token(s); check the layer input "
                              "(x) and router weight for non-finite values")

@@ -111,6 +111,12 @@ class RecurrentRouter(GatedRouter):
         if prev.generation != generation:
             raise ValueError(f"RecurrentRouter layer {i}: the state of layer {i - 1} in this RoutingContext is from "
                              f"an earlier forward (layer {i - 1} did not run in this one); {_CONTEXT_HINT}")
+        own = ctx.layer_state.get((self._group_key, i))
+        if own is not None and own.generation == generation and _not_in_backward():
+            # a second forward of this layer without layer 0 starting a new one would read the state the
+            # previous forward left (a checkpoint recomputation runs in backward and is allowed)
+            raise ValueError(f"RecurrentRouter layer {i} already ran in this forward of the RoutingContext: a new "
+                             f"forward must start at layer 0; {_CONTEXT_HINT}")
         if prev.h_TP.shape[0] != T:
             raise ValueError(f"RecurrentRouter layer {i} got {T} tokens but layer {i - 1} routed "
                              f"{prev.h_TP.shape[0]}; every layer of the group must see the same tokens")

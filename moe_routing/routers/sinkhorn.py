@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -10,6 +11,10 @@ from torch import Tensor
 from ..decision import RoutingContext
 from ..validation import check_float, check_int
 from .base import GatedRouter
+
+
+_FLOOR_ULPS = 64   # a row error below this many ulps of the dtype is rounding noise
+_STALL_ITERS = 10  # iterations without a new best row error before the loop stops at the floor
 
 
 @torch.no_grad()
@@ -23,7 +28,9 @@ def sinkhorn(logits_TE: Tensor, valid_T: Optional[Tensor] = None, tol: float = 1
     ``log u`` and ``log v`` with logsumexp so large logits cannot overflow ``exp``.
 
     Each iteration ends on a column update, so columns are exact; it stops when the rows are within ``tol`` too,
-    ``max_t |T * sum_e P_te - 1| <= tol``, or after ``max_iters`` iterations (the plan is then returned as is).
+    ``max_t |T * sum_e P_te - 1| <= tol``, or after ``max_iters`` iterations (the plan is then returned as is),
+    or when the row error has not improved for `_STALL_ITERS` iterations: it has reached the rounding floor of
+    the logits' dtype (a ``tol`` below ``_FLOOR_ULPS`` ulps of it warns once per call site).
     Padding rows (``valid_T`` False) take no share of the columns; their rows are still normalised.
 
     Args:
@@ -41,14 +48,20 @@ def sinkhorn(logits_TE: Tensor, valid_T: Optional[Tensor] = None, tol: float = 1
     L_col = L if valid_T is None else L.masked_fill(~valid_T[:, None], float("-inf"))
     log_T, log_E = math.log(num_valid), math.log(E)
     log_row = -log_T - torch.logsumexp(L, dim=1)
-    err, it = math.inf, 0
+    floor = _FLOOR_ULPS * torch.finfo(L.dtype).eps
+    if tol < floor:
+        warnings.warn(f"sinkhorn tol={tol:g} is below what {L.dtype} resolves (~{floor:.1g}); it stops when the "
+                      "row error stops improving instead", UserWarning, stacklevel=3)
+    err, best, stalled, it = math.inf, math.inf, 0, 0
     for it in range(1, max_iters + 1):
         log_col = -log_E - torch.logsumexp(L_col + log_row[:, None], dim=0)
         new_row = -log_T - torch.logsumexp(L + log_col, dim=1)
         # exp(log_row - new_row) = T * (row sum of the current plan): its distance from 1 is the row error
         drift = torch.expm1(log_row - new_row).abs()
         err = float((drift if valid_T is None else drift[valid_T]).max())
-        if err <= tol or it == max_iters:
+        stalled = 0 if err < best else stalled + 1
+        best = min(best, err)
+        if err <= tol or it == max_iters or stalled >= _STALL_ITERS:
             break
         log_row = new_row
     return L + log_row[:, None] + log_col, it, err
