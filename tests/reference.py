@@ -106,10 +106,13 @@ class RefResult:
 
 
 def naive_route_token(logits_E: Tensor, top_k: int, score_func: str = "softmax",
-                      softmax_before_topk: bool = False, normalize: Optional[bool] = None):
-    """One token's choice: (list of expert ids, list of gate weights as 0-d tensors), per TopKRouter's docs."""
+                      softmax_before_topk: Optional[bool] = None, normalize: Optional[bool] = None):
+    """One token's choice: (list of expert ids, list of gate weights as 0-d tensors), per TopKRouter's docs
+    (defaults: Switch gates and no renormalisation at k=1, Mixtral gates / sigmoid renormalised otherwise)."""
     if normalize is None:
-        normalize = score_func == "sigmoid"
+        normalize = score_func == "sigmoid" and top_k > 1
+    if softmax_before_topk is None:
+        softmax_before_topk = top_k == 1
     scores = naive_softmax(logits_E) if score_func == "softmax" else naive_sigmoid(logits_E)
     experts = torch.topk(scores.detach(), top_k).indices.tolist()
     if score_func == "softmax" and not softmax_before_topk:
@@ -123,7 +126,7 @@ def naive_route_token(logits_E: Tensor, top_k: int, score_func: str = "softmax",
 
 
 def reference_moe(x_TD: Tensor, p: Leaves, top_k: int, activation: str, *, score_func: str = "softmax",
-                  softmax_before_topk: bool = False, normalize: Optional[bool] = None,
+                  softmax_before_topk: Optional[bool] = None, normalize: Optional[bool] = None,
                   capacity_factor: Optional[float] = None, drop_policy: str = "weight",
                   switch_aux_coeff: float = 0.0) -> RefResult:
     """y_t = sum over t's kept pairs (e, w) of w * expert_e(x_t) (+ shared experts), by Python loops."""

@@ -83,7 +83,10 @@ def pairs_hyper(x, emb, frozen, k, n_e):
     pairs = []
     for t, lt in enumerate(logits):
         chosen = top(lt.detach().tolist(), k)
-        gates = naive_softmax(torch.stack([lt[e] for e in chosen]))
+        if k == 1:  # Switch gates: the softmax over all E at the chosen expert (one logit's softmax is 1)
+            gates = naive_softmax(lt)[chosen]
+        else:
+            gates = naive_softmax(torch.stack([lt[e] for e in chosen]))
         pairs += [(t, e, gates[j]) for j, e in enumerate(chosen)]
     return pairs
 

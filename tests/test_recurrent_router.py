@@ -447,15 +447,16 @@ def test_whole_model_reentrant_checkpoint_matches_plain_run():
 def test_switch_gates_at_k1_give_the_router_a_gradient():
     torch.manual_seed(11)
     x = torch.randn(5, 6, dtype=torch.float64)
-    for switch in (False, True):
+    for switch in (None, True):  # the default at k=1 is Switch gates
         group = RecurrentRouterGroup(6, 4, 1, 1, proj_dim=3, softmax_before_topk=switch).double()
         d = group.routers[0](x, RoutingContext(), 0)
         probs = torch.softmax(d.logits_TE, -1)
-        want = probs.gather(1, d.experts_TK) if switch else torch.ones_like(d.weights_TK)
-        torch.testing.assert_close(d.weights_TK, want)
+        torch.testing.assert_close(d.weights_TK, probs.gather(1, d.experts_TK))
         d.weights_TK.sum().backward()
         grad = group.routers[0].w2.grad
-        assert (grad is not None and grad.abs().sum() > 0) == switch  # Mixtral gates at k=1: constant 1
+        assert grad is not None and grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="gate of exactly 1"):  # Mixtral gates at k=1: constant 1
+        RecurrentRouterGroup(6, 4, 1, 1, proj_dim=3, softmax_before_topk=False)
 
 
 def test_rerunning_a_later_layer_without_layer_zero_is_detected():

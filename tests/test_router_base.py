@@ -117,3 +117,31 @@ def test_decision_probs_normalise_non_softmax_scores():
     torch.testing.assert_close(d.probs_TE.sum(-1), torch.ones(5))
     d = mr.TopKRouter(D, E, K)(torch.randn(5, D))
     assert d.scores_normalized and d.probs_TE is d.scores_TE
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: mr.TopKRouter(D, E, 1, **kw),
+    lambda **kw: mr.HyperRouter(D, E, 1, **kw),
+    lambda **kw: mr.RecurrentRouterGroup(D, E, 1, num_layers=1, proj_dim=4, **kw).routers[0],
+])
+def test_top1_default_gates_carry_the_task_gradient(make):
+    """At k=1 a softmax over the one chosen logit is exactly 1: the default must be Switch gates (the full
+    softmax at the chosen expert), so the task loss reaches the router; asking for the constant gate raises."""
+    r = make()
+    x = torch.randn(6, D)
+    d = r(x, RoutingContext())
+    assert not torch.allclose(d.weights_TK, torch.ones_like(d.weights_TK))
+    d.weights_TK.sum().backward()
+    grads = [p.grad for p in r.parameters() if p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) > 0
+    with pytest.raises(ValueError, match="gives every token a gate of exactly 1"):
+        make(softmax_before_topk=False)
+
+
+def test_top1_renormalised_gates_are_refused():
+    with pytest.raises(ValueError, match="normalize=True gives every token a gate of exactly 1"):
+        mr.TopKRouter(D, E, 1, score_func="sigmoid", normalize=True)
+    with pytest.raises(ValueError, match="normalize=True"):
+        mr.TopKRouter(D, E, 1, softmax_before_topk=True, normalize=True)
+    assert mr.TopKRouter(D, E, 1, score_func="sigmoid").normalize is False
+    assert mr.TopKRouter(D, E, 2, score_func="sigmoid").normalize is True

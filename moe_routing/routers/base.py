@@ -260,6 +260,25 @@ class GatedRouter(Router):
         return decision
 
 
+def switch_gates_at_k1(owner: str, top_k: int, softmax_before_topk: Optional[bool],
+                       normalize: bool = False) -> bool:
+    """Resolve ``softmax_before_topk`` so that no configuration gives every token a constant gate of 1.
+
+    A softmax over the k chosen logits (or scores renormalised over them) is exactly 1 at k = 1: the router
+    would get no gradient from the task loss, silently. Default (None): Switch gates (softmax over all E at the
+    chosen expert) at k = 1, the softmax over the k chosen logits otherwise; asking for a constant gate raises.
+    """
+    if softmax_before_topk is None:
+        softmax_before_topk = top_k == 1
+    check_bool("softmax_before_topk", softmax_before_topk)
+    if top_k == 1 and (not softmax_before_topk or normalize):
+        raise ValueError(f"{owner} with top_k=1 and "
+                         f"{'normalize=True' if softmax_before_topk else 'softmax_before_topk=False'} gives every "
+                         "token a gate of exactly 1, so the router gets no gradient from the task loss; use "
+                         "softmax_before_topk=True and normalize=False (Switch gates, the default at k=1)")
+    return softmax_before_topk
+
+
 def softmax_over_chosen(experts_TK: Tensor, logits_TE: Tensor) -> Tensor:
     """Gate weights = softmax over the K chosen logits (Mixtral / Qwen); sums to 1 per token."""
     return logits_TE.gather(1, experts_TK).softmax(-1)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..decision import RoutingContext
 from ..validation import check_bool, check_int
-from .base import GatedRouter, param_factory, softmax_over_chosen
+from .base import GatedRouter, param_factory, softmax_over_chosen, switch_gates_at_k1
 
 
 class HyperRouter(GatedRouter):
@@ -34,17 +34,19 @@ class HyperRouter(GatedRouter):
         bias: also generate a per-expert logit bias (True, as the public code).
         init_std: target std of the generated weight at init (0.02).
         strict: raise on non-finite logits on accelerators too (CPU always raises).
+        softmax_before_topk: as `TopKRouter`'s: Switch gates by default at k=1 (a softmax over one logit is 1).
     Default losses: ``[SwitchAuxLoss(1e-2)]``. ``weight`` / ``bias_E`` give the current generated ``W`` / ``b``.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 2, *, embed_dim: Optional[int] = None,
                  hyper_hidden: int = 64, bias: bool = True, init_std: float = 0.02, strict: bool = False,
-                 device=None, dtype=None) -> None:
+                 softmax_before_topk: Optional[bool] = None, device=None, dtype=None) -> None:
         super().__init__(hidden_size, num_experts, top_k, init_std=init_std, strict=strict, gate_weight=False,
                          device=device, dtype=dtype)
         self.embed_dim = check_int("embed_dim", hidden_size if embed_dim is None else embed_dim, 1)
         self.hyper_hidden = check_int("hyper_hidden", hyper_hidden, 1)
         self.has_bias = check_bool("bias", bias)
+        self.softmax_before_topk = switch_gates_at_k1("HyperRouter", top_k, softmax_before_topk)
         factory = param_factory(device, dtype)
         # registered first: Router.math_dtype reads the first parameter
         self.embedding = nn.Parameter(torch.randn(self.embed_dim, **factory))
@@ -91,4 +93,6 @@ class HyperRouter(GatedRouter):
         return logits_TE.detach().topk(self.top_k, dim=-1).indices
 
     def gates(self, experts_TK: Tensor, logits_TE: Tensor, scores_TE: Tensor) -> Tensor:
+        if self.softmax_before_topk:
+            return scores_TE.gather(1, experts_TK)
         return softmax_over_chosen(experts_TK, logits_TE)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
 from ..validation import check_float, check_int
-from .base import GatedRouter, keep_float32, param_factory, softmax_over_chosen
+from .base import GatedRouter, keep_float32, param_factory, softmax_over_chosen, switch_gates_at_k1
 
 _CONTEXT_HINT = ("run the model inside `with moe_routing.routing_context(model): ...` (a fresh context per "
                  "forward) or pass ctx=RoutingContext() to every MoE layer")
@@ -69,7 +69,7 @@ class RecurrentRouter(GatedRouter):
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, layer_index: int, gru: nn.GRUCell,
-                 group_key: _GroupKey, *, init_std: float = 0.02, softmax_before_topk: bool = False,
+                 group_key: _GroupKey, *, init_std: float = 0.02, softmax_before_topk: Optional[bool] = None,
                  strict: bool = False, device=None, dtype=None) -> None:
         super().__init__(hidden_size, num_experts, top_k, init_std=init_std, strict=strict, gate_weight=False,
                          device=device, dtype=dtype)
@@ -79,7 +79,7 @@ class RecurrentRouter(GatedRouter):
         if not isinstance(group_key, _GroupKey):
             raise TypeError("group_key must come from a RecurrentRouterGroup; build routers with the group")
         self.proj_dim = gru.hidden_size
-        self.softmax_before_topk = bool(softmax_before_topk)
+        self.softmax_before_topk = switch_gates_at_k1("RecurrentRouter", top_k, softmax_before_topk)
         self.w1 = nn.Parameter(torch.empty(self.proj_dim, hidden_size, **param_factory(device, dtype)))
         self.w2 = nn.Parameter(torch.empty(num_experts, self.proj_dim, **param_factory(device, dtype)))
         nn.init.normal_(self.w1, std=self.init_std)
@@ -168,8 +168,9 @@ class RecurrentRouterGroup(nn.Module):
         init_std: std of the normal init of every layer's ``w1`` [P, D] and ``w2`` [E, P]; the GRU keeps
             ``nn.GRUCell``'s default U(-1/sqrt(P), 1/sqrt(P)) init (the reference code re-initialises it).
         softmax_before_topk: gates = the softmax over all E at the chosen experts (Switch) instead of the
-            softmax over the k chosen logits (Mixtral, the default and the paper's). With k=1 the Mixtral gate is
-            a constant 1 and the router learns from the aux loss only; use True there.
+            softmax over the k chosen logits (Mixtral, the paper's). Default: Switch at k=1 (where the Mixtral
+            gate is a constant 1 and the router would learn from the aux loss only; asking for that raises),
+            Mixtral otherwise.
         strict: raise on non-finite logits on accelerators too (CPU always raises).
 
     ``group.routers[i]`` is layer i's `RecurrentRouter`; use it as ``MoELayer(D, F, E, K, router=group.routers[i])``
@@ -178,7 +179,7 @@ class RecurrentRouterGroup(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_layers: int, proj_dim: int = 128, *,
-                 init_std: float = 0.02, softmax_before_topk: bool = False, device=None, dtype=None,
+                 init_std: float = 0.02, softmax_before_topk: Optional[bool] = None, device=None, dtype=None,
                  strict: bool = False) -> None:
         super().__init__()
         check_int("hidden_size", hidden_size, 1)

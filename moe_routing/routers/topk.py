@@ -8,8 +8,8 @@ from torch import Tensor
 
 from ..decision import RoutingContext
 from ..ops.topk_softmax import topk_softmax
-from ..validation import check_float, check_int
-from .base import GatedRouter, renormalized, softmax_over_chosen
+from ..validation import check_bool, check_float, check_int
+from .base import GatedRouter, renormalized, softmax_over_chosen, switch_gates_at_k1
 
 
 class TopKRouter(GatedRouter):
@@ -18,10 +18,13 @@ class TopKRouter(GatedRouter):
     Args:
         hidden_size: D.  num_experts: E.  top_k: K in [1, E].
         score_func: "softmax" (default) or "sigmoid".
-        softmax_before_topk: softmax: False (default) takes the top-k logits then a softmax over those k
-            (Mixtral/Qwen); True takes softmax over all E then the top-k probabilities.
-        normalize: renormalise the k gate weights to sum to 1. Default: True for sigmoid, False for
-            softmax-then-top-k (no effect for top-k-then-softmax, which sums to 1 by construction).
+        softmax_before_topk: softmax: False takes the top-k logits then a softmax over those k (Mixtral/Qwen,
+            the default for k > 1); True takes softmax over all E then the top-k probabilities (Switch, the
+            default for k = 1, where a softmax over one logit would be a constant 1).
+        normalize: renormalise the k gate weights to sum to 1. Default: True for sigmoid with k > 1, False for
+            softmax-then-top-k and at k = 1 (no effect for top-k-then-softmax, which sums to 1 by construction).
+            A configuration whose gates are all exactly 1 (k = 1 with a softmax over the chosen logit or a
+            renormalisation) raises ValueError: the router would learn from the aux loss only.
         num_groups, topk_groups: group-limited routing (DeepSeek-V3): experts split into ``num_groups`` equal
             groups, a group scores the sum of its top-2 selection scores, only the best ``topk_groups`` groups
             are eligible.
@@ -43,7 +46,7 @@ class TopKRouter(GatedRouter):
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 2, *, score_func: str = "softmax",
-                 softmax_before_topk: bool = False, normalize: Optional[bool] = None,
+                 softmax_before_topk: Optional[bool] = None, normalize: Optional[bool] = None,
                  num_groups: Optional[int] = None, topk_groups: Optional[int] = None,
                  bias_update_rate: Optional[float] = None, jitter_eps: float = 0.0, scaling_factor: float = 1.0,
                  init_std: float = 0.02, strict: bool = False, device=None, dtype=None) -> None:
@@ -65,8 +68,13 @@ class TopKRouter(GatedRouter):
             bias_update_rate = check_float("bias_update_rate", bias_update_rate, 0.0, low_inclusive=False)
         self.score_func = score_func
         self.scores_normalized = score_func == "softmax"
-        self.softmax_before_topk = bool(softmax_before_topk)
-        self.normalize = (score_func == "sigmoid") if normalize is None else bool(normalize)
+        self.normalize = (score_func == "sigmoid" and top_k > 1) if normalize is None else check_bool("normalize",
+                                                                                                     normalize)
+        if score_func == "softmax":
+            self.softmax_before_topk = switch_gates_at_k1("TopKRouter", top_k, softmax_before_topk, self.normalize)
+        else:  # sigmoid gates are the scores at the chosen experts; only renormalising one of them is constant
+            self.softmax_before_topk = bool(softmax_before_topk)
+            switch_gates_at_k1("TopKRouter(score_func='sigmoid')", top_k, True, self.normalize)
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.bias_update_rate = bias_update_rate
         self.jitter_eps = check_float("jitter_eps", jitter_eps, 0.0, 1.0, high_inclusive=False)
