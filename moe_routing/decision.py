@@ -35,6 +35,9 @@ class RoutingDecision:
         scores_normalized: whether each row of ``scores_TE`` sums to 1 (softmax, hash); losses and metrics that
             need a distribution normalise the scores otherwise (sigmoid, ReLU), see ``probs_TE``.
         extra: router-specific detached statistics (e.g. the ReLU router's sparsity), copied into layer stats.
+        balance_experts_TK: int64 [T, K], the top-k of the scores without selection bias or group limit, when
+            that differs from the choice (aux-free bias, group-limited routing); balance losses count these by
+            default (DeepSeek-V3 eq. 18, Megatron-Core). None: count the chosen experts.
     """
 
     token_N: Tensor
@@ -46,6 +49,7 @@ class RoutingDecision:
     top_k: Optional[int] = None
     scores_normalized: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    balance_experts_TK: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +63,15 @@ class RoutingDecision:
         if self.scores_normalized:
             return s
         return s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+
+    def balance_pairs(self, chosen: bool = False) -> tuple[Tensor, Tensor]:
+        """``(token_N, expert_N)`` a balance loss counts: ``balance_experts_TK`` when set (unless ``chosen``),
+        else the routed pairs."""
+        if chosen or self.balance_experts_TK is None:
+            return self.token_N, self.expert_N
+        T, K = self.balance_experts_TK.shape
+        token_N = torch.arange(T, device=self.balance_experts_TK.device).repeat_interleave(K)
+        return token_N, self.balance_experts_TK.reshape(-1)
 
     @property
     def experts_TK(self) -> Optional[Tensor]:

@@ -486,3 +486,94 @@ def test_jitter_only_in_training():
     # multiplicative noise within [1 - eps, 1 + eps]: logits move by at most eps * sum_j |x_j w_ej|
     bound = 0.3 * (x.abs() @ jit.weight.detach().abs().t())
     assert bool(((d_train.logits_TE - d_eval.logits_TE).abs() <= bound + 1e-12).all())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Group score rules (DeepSeek-V3 / Megatron-Core / DeepSeek-V2) and what balance losses count
+# --------------------------------------------------------------------------------------------------------------
+
+def naive_group_experts(row, k, num_groups, topk_groups, best):
+    """One token: score each group by the sum of its `best` largest entries, keep the `topk_groups` best groups,
+    then the k largest entries inside them (Python lists; inputs are continuous, so no ties)."""
+    size = len(row) // num_groups
+    groups = [row[g * size:(g + 1) * size] for g in range(num_groups)]
+    group_score = [sum(sorted(vals, reverse=True)[:best]) for vals in groups]
+    keep = sorted(range(num_groups), key=lambda g: -group_score[g])[:topk_groups]
+    allowed = [e for g in keep for e in range(g * size, (g + 1) * size)]
+    return sorted(sorted(allowed, key=lambda e: -row[e])[:k])
+
+
+def megatron_group_limited_topk(scores, topk, num_groups, group_topk):
+    """Transcribed from megatron-core 0.16 `transformer/moe/moe_utils.py::group_limited_topk`: groups by the sum of
+    their top-(topk // group_topk) scores, then top-k of the masked scores."""
+    T, E = scores.shape
+    group_scores = scores.view(T, num_groups, -1).topk(topk // group_topk, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, -1)
+    masked = scores.masked_fill(~score_mask.bool(), float("-inf"))
+    return torch.topk(masked, k=topk, dim=-1)[1]
+
+
+@pytest.mark.parametrize("rule,best", [("top2_sum", 2), ("topk_sum", 3), ("max", 1)])
+@pytest.mark.parametrize("on_logits", [False, True])
+def test_group_score_rules_match_a_naive_loop(rule, best, on_logits):
+    r = make_router(top_k=3, num_groups=2, topk_groups=1, group_score=rule, groups_on_logits=on_logits,
+                    score_func="sigmoid")
+    x = randx(T=200)  # 15-48 of these tokens route differently under each pair of rules
+    d = r(x)
+    logits = x @ r.weight.detach().t()
+    rank = logits if on_logits else logits.sigmoid()
+    for t in range(x.shape[0]):
+        assert sorted(d.experts_TK[t].tolist()) == naive_group_experts(rank[t].tolist(), 3, 2, 1, best), t
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_megatron_group_limited_routing_settings_match_megatron(score_func):
+    """Megatron ranks groups on what it selects on: logits for the softmax router without pre-softmax, sigmoid
+    scores for the sigmoid router; with group_score='topk_sum' (and groups_on_logits for softmax) ours agrees."""
+    r = make_router(top_k=4, num_groups=4, topk_groups=2, score_func=score_func, group_score="topk_sum",
+                    groups_on_logits=score_func == "softmax")
+    x = randx(T=50)
+    d = r(x)
+    logits = x @ r.weight.detach().t()
+    ranked = logits if score_func == "softmax" else logits.sigmoid()
+    want = megatron_group_limited_topk(ranked, 4, 4, 2)
+    assert torch.equal(d.experts_TK.sort(-1).values, want.sort(-1).values)
+
+
+def test_group_score_validation():
+    with pytest.raises(ValueError, match="group_score must be one of"):
+        TopKRouter(D, E, 2, num_groups=2, topk_groups=1, group_score="mean")
+    with pytest.raises(ValueError, match="top_k // topk_groups"):
+        TopKRouter(D, E, 1, num_groups=4, topk_groups=2, group_score="topk_sum")
+
+
+def naive_switch_aux(probs, experts, k, n_e):
+    T = len(probs)
+    f = [sum(e == i for row in experts for e in row) / (T * k) for i in range(n_e)]
+    P = [sum(p[i] for p in probs) / T for i in range(n_e)]
+    return n_e * sum(fi * pi for fi, pi in zip(f, P))
+
+
+@pytest.mark.parametrize("kwargs", [{"bias_update_rate": 1e-2}, {"num_groups": 4, "topk_groups": 1}])
+def test_balance_losses_count_the_unbiased_topk_by_default(kwargs):
+    """DeepSeek-V3 eq. 18 / Megatron-Core: f_i counts the top-k of the unbiased scores over all experts, not the
+    biased or group-limited choice; count='chosen' keeps the other convention."""
+    r = make_router(**kwargs)
+    if r.expert_bias is not None:
+        with torch.no_grad():
+            r.expert_bias.copy_(torch.linspace(-0.5, 0.5, E))  # moves the choice away from the plain top-k
+    x = randx(T=30)
+    d = r(x)
+    probs = (x @ r.weight.detach().t()).softmax(-1)
+    unbiased = probs.topk(2, -1).indices.tolist()
+    assert unbiased != d.experts_TK.tolist()  # the two conventions differ here
+    default = mr.losses.switch_aux_loss(d, 2)
+    chosen = mr.losses.switch_aux_loss(d, 2, count="chosen")
+    assert default.item() == pytest.approx(naive_switch_aux(probs.tolist(), unbiased, 2, E), rel=1e-12)
+    assert chosen.item() == pytest.approx(naive_switch_aux(probs.tolist(), d.experts_TK.tolist(), 2, E), rel=1e-12)
+    seq = mr.losses.sequence_aux_loss(d, 2, None, 1)
+    assert seq.item() == pytest.approx(default.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="count must be one of"):
+        mr.SwitchAuxLoss(count="biased")

@@ -17,24 +17,36 @@ from ..decision import RoutingDecision
 from .base import Loss, LossInputs
 
 
-def _pair_counts(decision: RoutingDecision, valid_T: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """[E] routed pairs per expert over non-padding tokens, in ``dtype``."""
-    expert_N = decision.expert_N
+COUNTS = ("topk", "chosen")
+
+
+def _check_count(count: str) -> str:
+    if count not in COUNTS:
+        raise ValueError(f"count must be one of {COUNTS}, got {count!r}")
+    return count
+
+
+def _pair_counts(decision: RoutingDecision, valid_T: Optional[Tensor], dtype: torch.dtype,
+                 count: str = "topk") -> Tensor:
+    """[E] counted pairs per expert over non-padding tokens, in ``dtype`` (see `RoutingDecision.balance_pairs`)."""
+    token_N, expert_N = decision.balance_pairs(chosen=count == "chosen")
     w_N = (torch.ones_like(expert_N, dtype=dtype) if valid_T is None
-           else valid_T.to(dtype).index_select(0, decision.token_N))
+           else valid_T.to(dtype).index_select(0, token_N))
     return torch.zeros(decision.num_experts, dtype=dtype, device=expert_N.device).index_add_(0, expert_N, w_N)
 
 
 def switch_aux_loss(decision: RoutingDecision, top_k: int, valid_T: Optional[Tensor] = None,
-                    group: Optional[Any] = None, global_batch: bool = False) -> Tensor:
+                    group: Optional[Any] = None, global_batch: bool = False, count: str = "topk") -> Tensor:
     """``E * sum_i f_i * P_i`` with ``f_i = count_i / (T*k)`` and ``P_i = mean_t p_{t,i}`` (1.0 when balanced).
 
+    ``count="topk"`` (default) counts the top-k of the unbiased scores when the router's choice is biased or
+    group-limited (DeepSeek-V3 eq. 18, Megatron-Core); ``"chosen"`` counts the experts actually routed to.
     With ``global_batch`` and an initialised process group, counts and T are summed over ``group`` (data
     parallel) before forming f; P stays local so gradients stay local.
     """
     E = decision.num_experts
     p_TE = decision.probs_TE
-    counts_E = _pair_counts(decision, valid_T, p_TE.dtype)
+    counts_E = _pair_counts(decision, valid_T, p_TE.dtype, _check_count(count))
     if valid_T is None:
         num_tokens = torch.tensor(float(p_TE.shape[0]), dtype=p_TE.dtype, device=p_TE.device)
         P_E = p_TE.mean(0)
@@ -51,17 +63,19 @@ def switch_aux_loss(decision: RoutingDecision, top_k: int, valid_T: Optional[Ten
 
 
 def sequence_aux_loss(decision: RoutingDecision, top_k: int, seq_T: Optional[Tensor], num_seqs: int,
-                      valid_T: Optional[Tensor] = None) -> Tensor:
-    """Switch aux per sequence on per-token-normalised scores, averaged over sequences (DeepSeek-V3)."""
+                      valid_T: Optional[Tensor] = None, count: str = "topk") -> Tensor:
+    """Switch aux per sequence on per-token-normalised scores, averaged over sequences (DeepSeek-V3 eqs. 17-20;
+    ``count`` as in `switch_aux_loss`)."""
     if seq_T is None:
-        return switch_aux_loss(decision, top_k, valid_T)
+        return switch_aux_loss(decision, top_k, valid_T, count=count)
     E = decision.num_experts
     p_TE = decision.scores_TE / decision.scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
     w_T = torch.ones_like(p_TE[:, 0]) if valid_T is None else valid_T.to(p_TE.dtype)
-    pair_w = w_T[decision.token_N]
-    seq_N = seq_T[decision.token_N]
+    token_N, expert_N = decision.balance_pairs(chosen=_check_count(count) == "chosen")
+    pair_w = w_T[token_N]
+    seq_N = seq_T[token_N]
     counts_SE = torch.zeros(num_seqs * E, dtype=p_TE.dtype, device=p_TE.device)
-    counts_SE.index_add_(0, seq_N * E + decision.expert_N, pair_w)
+    counts_SE.index_add_(0, seq_N * E + expert_N, pair_w)
     counts_SE = counts_SE.view(num_seqs, E)
     tokens_S = torch.zeros(num_seqs, dtype=p_TE.dtype, device=p_TE.device).index_add_(0, seq_T, w_T)
     P_SE = torch.zeros(num_seqs, E, dtype=p_TE.dtype, device=p_TE.device).index_add_(0, seq_T, p_TE * w_T[:, None])
@@ -82,15 +96,17 @@ def z_loss(decision: RoutingDecision, valid_T: Optional[Tensor] = None) -> Tenso
 
 
 class SwitchAuxLoss(Loss):
-    """Switch-Transformer auxiliary balance loss over the micro-batch."""
+    """Switch-Transformer auxiliary balance loss over the micro-batch. ``count``: "topk" (default: the top-k of the
+    unbiased scores when the choice is biased or group-limited) or "chosen" (see `switch_aux_loss`)."""
 
     name = "switch_aux"
 
-    def __init__(self, coeff: float = 1e-2) -> None:
+    def __init__(self, coeff: float = 1e-2, count: str = "topk") -> None:
         super().__init__(coeff)
+        self.count = _check_count(count)
 
     def compute(self, inputs: LossInputs) -> Tensor:
-        return switch_aux_loss(inputs.decision, inputs.top_k, inputs.valid_T)
+        return switch_aux_loss(inputs.decision, inputs.top_k, inputs.valid_T, count=self.count)
 
 
 class GlobalBatchAuxLoss(Loss):
@@ -98,24 +114,29 @@ class GlobalBatchAuxLoss(Loss):
 
     name = "global_aux"
 
-    def __init__(self, coeff: float = 1e-2, group: Optional[Any] = None) -> None:
+    def __init__(self, coeff: float = 1e-2, group: Optional[Any] = None, count: str = "topk") -> None:
         super().__init__(coeff)
         self.group = group
+        self.count = _check_count(count)
 
     def compute(self, inputs: LossInputs) -> Tensor:
-        return switch_aux_loss(inputs.decision, inputs.top_k, inputs.valid_T, group=self.group, global_batch=True)
+        return switch_aux_loss(inputs.decision, inputs.top_k, inputs.valid_T, group=self.group, global_batch=True,
+                               count=self.count)
 
 
 class SequenceAuxLoss(Loss):
-    """DeepSeek-V3 sequence-wise balance loss (default coefficient 1e-4, the paper's alpha)."""
+    """DeepSeek-V3 sequence-wise balance loss (default coefficient 1e-4, the paper's alpha; ``count`` as in
+    `SwitchAuxLoss`)."""
 
     name = "seq_aux"
 
-    def __init__(self, coeff: float = 1e-4) -> None:
+    def __init__(self, coeff: float = 1e-4, count: str = "topk") -> None:
         super().__init__(coeff)
+        self.count = _check_count(count)
 
     def compute(self, inputs: LossInputs) -> Tensor:
-        return sequence_aux_loss(inputs.decision, inputs.top_k, inputs.seq_T, inputs.num_seqs, inputs.valid_T)
+        return sequence_aux_loss(inputs.decision, inputs.top_k, inputs.seq_T, inputs.num_seqs, inputs.valid_T,
+                                 count=self.count)
 
 
 class ZLoss(Loss):

@@ -233,6 +233,11 @@ class GatedRouter(Router):
         experts_TK = forced_TK if forced_TK is not None else self.select(logits_TE, scores_TE.detach(), ctx)
         return experts_TK, self.gates(experts_TK, logits_TE, scores_TE), {}
 
+    def balance_experts(self, scores_TE: Tensor) -> Optional[Tensor]:
+        """[T, K] experts balance losses should count when the choice is biased or restricted (see
+        `RoutingDecision.balance_experts_TK`); None (the default) counts the chosen experts."""
+        return None
+
     def choose_pairs(self, logits_TE: Tensor, scores_TE: Tensor,
                      ctx: Optional[RoutingContext]) -> RoutingDecision:
         """The routed pairs of a variable-k router."""
@@ -255,6 +260,7 @@ class GatedRouter(Router):
             experts_TK, gates_TK, extra = self.choose(logits_TE, scores_TE, forced_TK, ctx, backend)
             decision = RoutingDecision.from_topk(experts_TK, gates_TK, logits_TE, scores_TE,
                                                  scores_normalized=self.scores_normalized, extra=extra)
+            decision.balance_experts_TK = self.balance_experts(scores_TE.detach())
         if nonfinite is not None:
             decision.extra["nonfinite_tokens"] = nonfinite
         return decision

@@ -12,6 +12,9 @@ from ..validation import check_bool, check_float, check_int
 from .base import GatedRouter, renormalized, softmax_over_chosen, switch_gates_at_k1
 
 
+GROUP_SCORES = ("top2_sum", "topk_sum", "max")
+
+
 class TopKRouter(GatedRouter):
     """Choose ``top_k`` experts per token from ``logits = x @ weight.T`` (``weight`` [E, D], no bias).
 
@@ -25,9 +28,13 @@ class TopKRouter(GatedRouter):
             softmax-then-top-k and at k = 1 (no effect for top-k-then-softmax, which sums to 1 by construction).
             A configuration whose gates are all exactly 1 (k = 1 with a softmax over the chosen logit or a
             renormalisation) raises ValueError: the router would learn from the aux loss only.
-        num_groups, topk_groups: group-limited routing (DeepSeek-V3): experts split into ``num_groups`` equal
-            groups, a group scores the sum of its top-2 selection scores, only the best ``topk_groups`` groups
-            are eligible.
+        num_groups, topk_groups: group-limited routing: experts split into ``num_groups`` equal groups, only
+            the best ``topk_groups`` groups are eligible.
+        group_score: how a group is scored from its experts' selection scores: "top2_sum" (default,
+            DeepSeek-V3: the sum of its 2 best), "topk_sum" (Megatron-Core: the sum of its best
+            ``top_k // topk_groups``), "max" (DeepSeek-V2: its best).
+        groups_on_logits: score groups on the raw logits instead of the selection scores (Megatron-Core's
+            softmax router with ``softmax_before_topk=False`` ranks groups by logits).
         bias_update_rate: enables aux-loss-free balancing: a float32 bias added to scores for selection only,
             updated once per optimizer step (`moe_routing.attach` / `moe_routing.step`) as
             ``b_i += rate * sign(mean_load - load_i)``.
@@ -48,7 +55,7 @@ class TopKRouter(GatedRouter):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 2, *, score_func: str = "softmax",
                  softmax_before_topk: Optional[bool] = None, normalize: Optional[bool] = None,
                  num_groups: Optional[int] = None, topk_groups: Optional[int] = None,
-                 bias_update_rate: Optional[float] = None, jitter_eps: float = 0.0, scaling_factor: float = 1.0,
+                 group_score: str = "top2_sum", groups_on_logits: bool = False, bias_update_rate: Optional[float] = None, jitter_eps: float = 0.0, scaling_factor: float = 1.0,
                  init_std: float = 0.02, strict: bool = False, device=None, dtype=None) -> None:
         super().__init__(hidden_size, num_experts, top_k, init_std=init_std, strict=strict, device=device,
                          dtype=dtype)
@@ -64,6 +71,11 @@ class TopKRouter(GatedRouter):
             if topk_groups * (num_experts // num_groups) < top_k:
                 raise ValueError(f"topk_groups={topk_groups} groups of {num_experts // num_groups} experts "
                                  f"cannot supply top_k={top_k} experts")
+        if group_score not in GROUP_SCORES:
+            raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
+        if group_score == "topk_sum" and num_groups is not None and top_k < topk_groups:
+            raise ValueError(f"group_score='topk_sum' sums each group's best top_k // topk_groups experts, which is "
+                             f"0 for top_k={top_k} < topk_groups={topk_groups}")
         if bias_update_rate is not None:
             bias_update_rate = check_float("bias_update_rate", bias_update_rate, 0.0, low_inclusive=False)
         self.score_func = score_func
@@ -76,6 +88,7 @@ class TopKRouter(GatedRouter):
             self.softmax_before_topk = bool(softmax_before_topk)
             switch_gates_at_k1("TopKRouter(score_func='sigmoid')", top_k, True, self.normalize)
         self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.group_score, self.groups_on_logits = group_score, check_bool("groups_on_logits", groups_on_logits)
         self.bias_update_rate = bias_update_rate
         self.jitter_eps = check_float("jitter_eps", jitter_eps, 0.0, 1.0, high_inclusive=False)
         self.scaling_factor = check_float("scaling_factor", scaling_factor, 0.0, low_inclusive=False)
@@ -109,11 +122,14 @@ class TopKRouter(GatedRouter):
         select_TE = scores_TE if self.expert_bias is None else scores_TE + self.expert_bias
         if self.num_groups is not None and self.num_groups > 1:
             T, E = select_TE.shape
-            grouped = select_TE.view(T, self.num_groups, E // self.num_groups)
-            group_score = grouped.topk(min(2, E // self.num_groups), dim=-1).values.sum(-1)
-            keep_G = group_score.topk(self.topk_groups, dim=-1).indices
-            mask = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep_G, False)
-            select_TE = grouped.masked_fill(mask[..., None], float("-inf")).view(T, E)
+            size = E // self.num_groups
+            rank_TE = logits_TE.detach() if self.groups_on_logits else select_TE
+            best = {"top2_sum": min(2, size), "topk_sum": self.top_k // self.topk_groups, "max": 1}[self.group_score]
+            group_TG = rank_TE.view(T, self.num_groups, size).topk(min(best, size), dim=-1).values.sum(-1)
+            keep_TG = group_TG.topk(self.topk_groups, dim=-1).indices
+            drop_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+            select_TE = select_TE.view(T, self.num_groups, size).masked_fill(drop_TG[..., None], float("-inf"))
+            select_TE = select_TE.view(T, E)
         return select_TE.topk(self.top_k, dim=-1).indices
 
     def gates(self, experts_TK: Tensor, logits_TE: Tensor, scores_TE: Tensor) -> Tensor:
@@ -124,6 +140,11 @@ class TopKRouter(GatedRouter):
             if self.normalize:
                 gates_TK = renormalized(gates_TK)
         return gates_TK * self.scaling_factor if self.scaling_factor != 1.0 else gates_TK
+
+    def balance_experts(self, scores_TE: Tensor) -> Optional[Tensor]:
+        if self.expert_bias is None and self.num_groups is None:
+            return None  # the choice is the plain top-k
+        return scores_TE.topk(self.top_k, dim=-1).indices
 
     def _fusable(self) -> bool:
         return (self.score_func == "softmax" and self.num_groups is None and self.expert_bias is None
