@@ -484,3 +484,32 @@ def test_sinkhorn_tolerance_below_the_dtype_floor_warns_and_stops():
     with pytest.warns(UserWarning, match="below what torch.float32 resolves"):
         _, iters, err = sinkhorn(L, None, tol=1e-12, max_iters=100_000)
     assert iters < 1000 and err < 1e-4
+
+
+def megatron_sinkhorn(cost, tol=1e-4):
+    """Transcribed from megatron-core 0.16 `transformer/moe/moe_utils.py::sinkhorn` (returns the iteration count
+    too): d0/d1 scalings of exp(cost), stop when mean |d1 - d1_old| <= tol."""
+    cost = torch.exp(cost)
+    d0 = torch.ones(cost.size(0), dtype=cost.dtype)
+    d1 = torch.ones(cost.size(1), dtype=cost.dtype)
+    eps, error, d1_old, iters = 1e-8, 1e9, d1, 0
+    while error > tol:
+        d0 = (1 / d0.size(0)) * 1 / (torch.sum(d1 * cost, 1) + eps)
+        d1 = (1 / d1.size(0)) * 1 / (torch.sum(d0.unsqueeze(1) * cost, 0) + eps)
+        error = torch.mean(torch.abs(d1_old - d1))
+        d1_old = d1
+        iters += 1
+    return d1 * cost * d0.unsqueeze(1), iters
+
+
+def test_sinkhorn_megatron_stop_rule_matches_megatron():
+    from moe_routing.routers.sinkhorn import sinkhorn
+
+    L = torch.randn(64, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want, want_iters = megatron_sinkhorn(L, tol=1e-6)
+    log_plan, iters, err = sinkhorn(L, None, tol=1e-6, max_iters=10_000, stop_rule="megatron")
+    assert iters == want_iters and err <= 1e-6
+    # Megatron's plan ends on its column update too; eps=1e-8 in its denominators is the only difference
+    torch.testing.assert_close(log_plan.exp(), want, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="stop_rule must be one of"):
+        SinkhornRouter(D, E, 1, stop_rule="cols")
