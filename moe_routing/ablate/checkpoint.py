@@ -55,7 +55,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete temporaries a killed process left in ``folder`` (never the files they were meant to replace)."""
+    """Delete temporaries a killed process left in ``folder`` (never the files they were meant to replace).
+
+    Only while holding the folder's `lock.folder_lock`: a live writer's temporaries look the same."""
     for tmp in Path(folder).glob(".*.tmp*"):
         tmp.unlink(missing_ok=True)
 

@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import remove_stale_temporaries
-from .config import EVAL_BATCH, PRESETS, get_preset
-from .data import encode_docs, load_corpus, make_tokenizer, val_batches
+from .config import EVAL_BATCH, PRESETS, Preset, get_preset
+from .data import Corpus, encode_docs, load_corpus, make_tokenizer, val_batches
+from .lock import FolderInUseError, folder_lock
 from .registry import ROUTER_BUILDERS, check_router_names
 from .results import aggregate, format_table, write_results
 from .train import Data, library_digest, train_run
@@ -76,8 +77,15 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     out = Path(args.out or f"runs/ablate-{preset.name}")
     corpus = load_corpus(args.data)
-    if out.exists():
-        remove_stale_temporaries(out)
+    # held until the results are written: a second process on the same --out stops here instead of deleting
+    # this one's temporaries and overwriting its files
+    with folder_lock(out, "--out folder"):
+        return _sweep(args, preset, device, out, corpus)
+
+
+def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: Path, corpus: Corpus) -> dict:
+    """Train every (router, seed), then aggregate and write results and plots (``out`` is locked)."""
+    remove_stale_temporaries(out)
     tok = make_tokenizer(preset.tokenizer, corpus, preset.bpe_vocab, out / "tokenizer-cache")
     train_N, val_N = encode_docs(tok, corpus.train_docs), encode_docs(tok, corpus.val_docs)
     data = Data(train_N, val_N, val_batches(val_N, preset.eval_batches, EVAL_BATCH, preset.seq_len),
@@ -122,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, an --out that is a file, a full disk
+    except (ValueError, OSError, FolderInUseError) as e:  # OSError: FileNotFoundError, a full disk
         print(f"moe-ablate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from .checkpoint import (atomic_write_checked_json, load_checkpoint, read_checke
                          remove_stale_temporaries, save_checkpoint)
 from .config import Preset
 from .data import _mix, get_batch
+from .lock import folder_lock
 from .model import count_params, ffn_flops_per_token
 from .registry import build_model
 
@@ -160,7 +161,12 @@ def train_run(p: Preset, router: str, seed: int, data: Data, run_dir: Path, devi
     DamagedFileError for a corrupted, truncated or foreign checkpoint or result file.
     """
     run_dir = Path(run_dir)
-    digest = digest or library_digest()
+    with folder_lock(run_dir, "run folder"):  # a second process on this run fails here instead of racing
+        return _run_locked(p, router, seed, data, run_dir, device, progress, stop_at, digest or library_digest())
+
+
+def _run_locked(p: Preset, router: str, seed: int, data: Data, run_dir: Path, device: str, progress: bool,
+                stop_at: Optional[int], digest: str) -> Optional[dict]:
     fingerprint = {**p.fingerprint(), "router": router, "seed": seed, "tokenizer": data.tokenizer,
                    "vocab_size": data.vocab_size, "data_digest": data.digest}
     result_path, ckpt_path = run_dir / RESULT_NAME, run_dir / CKPT_NAME
