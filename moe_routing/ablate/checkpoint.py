@@ -148,7 +148,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                              "was corrupted on disk or in a copy)")
     try:
         _restore(tensors, meta["aliases"], model, optimizer)
-    except (IndexError, KeyError, RuntimeError, ValueError) as e:  # only possible for an unverified (checksum-less) file
+    except (IndexError, KeyError, RuntimeError, ValueError) as e:  # only for an unverified (checksum-less) file
         raise _damaged(path, f"its tensors do not fit this run's model and optimizer ({e})") from None
     return meta["run_state"]
 

@@ -169,7 +169,7 @@ def _run_locked(p: Preset, router: str, seed: int, data: Data, run_dir: Path, de
                 stop_at: Optional[int], digest: str) -> Optional[dict]:
     fingerprint = {**p.fingerprint(), "router": router, "seed": seed, "tokenizer": data.tokenizer,
                    "vocab_size": data.vocab_size, "data_digest": data.digest}
-    result_path, ckpt_path = run_dir / RESULT_NAME, run_dir / CKPT_NAME
+    result_path = run_dir / RESULT_NAME
     if result_path.exists():
         result = read_checked_json(result_path, RESULT_KEYS, RESULT_REMEDY)
         _check_fingerprint(result.get("fingerprint"), fingerprint, result_path)
