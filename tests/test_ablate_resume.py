@@ -162,6 +162,8 @@ DAMAGES = {
     "a folder": lambda f: (f.unlink(), f.mkdir()),
     "another safetensors file": lambda f: f.write_bytes(st_save({"w": torch.ones(3)})),
     "garbled metadata": lambda f: _rewrite_metadata(f, lambda m: {**m, "run_state": m["run_state"][:-9]}),
+    "an edited loss in the run state": lambda f: _rewrite_metadata(f, lambda m: {
+        **m, "run_state": re.sub(r'"train_losses": \[[0-9]', '"train_losses": [9', m["run_state"])}),
 }
 
 

@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,7 +22,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 FORMAT = "moe-ablate-1"
-CHECKSUM_KEY = "tensors_sha256"  # in a checkpoint's safetensors metadata
+CHECKSUM_KEY = "sha256"  # in a checkpoint's safetensors metadata
 JSON_CHECKSUM_KEY = "content_sha256"  # in a result file, over the rest of its JSON
 RETRAIN_HINT = "delete it and rerun to retrain this run from step 0 (the other runs are not affected)"
 
@@ -77,9 +78,12 @@ def _dedup(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]
     return kept, aliases
 
 
-def tensors_sha256(tensors: dict[str, Tensor]) -> str:
-    """sha256 over every tensor in name order: its name, dtype, shape and raw bytes."""
+def checkpoint_sha256(run_state_json: str, aliases_json: str, tensors: dict[str, Tensor]) -> str:
+    """sha256 over the run state and alias map (as stored) and every tensor in name order: its name, dtype,
+    shape and raw bytes. The run state is covered too: its losses and curves end up in the results."""
     h = hashlib.sha256()
+    for text in (run_state_json, aliases_json):
+        h.update(text.encode("utf-8") + b"\0")
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
@@ -90,7 +94,7 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     run_state: dict) -> None:
     """Write ``model/<name>``, ``optim/<param index>/<key>``, ``rng/torch`` tensors; ``run_state`` (JSON, with
-    ``step``), the alias map and the tensors' sha256 go into the safetensors metadata."""
+    ``step``), the alias map and a sha256 of all of it (`checkpoint_sha256`) go into the safetensors metadata."""
     model_state, aliases = _dedup(model.state_dict())
     tensors = {f"model/{k}": v for k, v in model_state.items()}
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
@@ -102,55 +106,65 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     device = next(model.parameters()).device
     if device.type == "cuda":
         tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
-    meta = {"run_state": json.dumps({**run_state, "step": step}), "aliases": json.dumps(aliases),
-            "format": FORMAT, CHECKSUM_KEY: tensors_sha256(tensors)}
+    meta = {"run_state": json.dumps({**run_state, "step": step}), "aliases": json.dumps(aliases), "format": FORMAT}
+    meta[CHECKSUM_KEY] = checkpoint_sha256(meta["run_state"], meta["aliases"], tensors)
     atomic_write_bytes(path, st_save(tensors, metadata=meta))
 
 
-def _read_metadata(path: Path) -> dict:
-    """The checkpoint's metadata with ``run_state`` and ``aliases`` decoded; DamagedFileError if unusable."""
+@dataclass
+class Checkpoint:
+    """A verified checkpoint in memory: the run state (with ``step``), the alias map and every tensor."""
+
+    path: Path
+    run_state: dict
+    aliases: dict[str, str]
+    tensors: dict[str, Tensor]
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read ``path`` and verify it against the sha256 stored at save time; DamagedFileError (naming the file and
+    how to recover) for a torn, corrupted or foreign file. A checkpoint without a checksum (written before
+    checksums were added) is read with a warning that it cannot be verified."""
+    path = Path(path)
     if path.is_dir():  # safetensors would report "No such device (os error 19)"
         raise _damaged(path, "is a folder, not a checkpoint file", "remove it and rerun to retrain this run")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
+            if meta.get("format") != FORMAT:
+                raise _damaged(path, f"is not a moe-ablate checkpoint (metadata format={meta.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:  # a torn or foreign header, an unreadable file
         raise _damaged(path, f"is not a readable safetensors checkpoint ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise _damaged(path, f"is not a moe-ablate checkpoint (metadata format={meta.get('format')!r})")
+    expected = meta.get(CHECKSUM_KEY)
+    if expected is None:
+        print(f"moe-ablate: warning: {path} has no checksum (written before checksums were added), so it "
+              "cannot be verified; reading it anyway (its next save adds one)", file=sys.stderr)
+    elif checkpoint_sha256(meta.get("run_state", ""), meta.get("aliases", ""), tensors) != expected:
+        raise _damaged(path, "its content does not match the sha256 stored when it was written (the file was "
+                             "corrupted on disk or in a copy)")
     try:
-        meta["run_state"], meta["aliases"] = json.loads(meta["run_state"]), json.loads(meta["aliases"])
+        run_state, aliases = json.loads(meta["run_state"]), json.loads(meta["aliases"])
     except (KeyError, ValueError) as e:
         raise _damaged(path, f"its metadata is incomplete or not JSON ({e!r})") from None
-    if not isinstance(meta["run_state"], dict) or not isinstance(meta["run_state"].get("step"), int):
+    if not isinstance(run_state, dict) or not isinstance(run_state.get("step"), int):
         raise _damaged(path, "its run state has no step")
-    return meta
+    return Checkpoint(path, run_state, aliases, tensors)
+
+
+def restore_checkpoint(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load model weights, optimizer state and the torch (and CUDA) RNG state from ``ckpt``."""
+    try:
+        _restore(ckpt.tensors, ckpt.aliases, model, optimizer)
+    except (IndexError, KeyError, RuntimeError, ValueError) as e:  # only for an unverified (checksum-less) file
+        raise _damaged(ckpt.path, f"its tensors do not fit this run's model and optimizer ({e})") from None
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and torch RNG from ``path``; returns the saved ``run_state`` dict.
-
-    The tensors are verified against the sha256 stored at save time before anything is restored. A checkpoint
-    without one (written before checksums existed) is loaded with a warning: it cannot be verified."""
-    path = Path(path)
-    meta = _read_metadata(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise _damaged(path, f"its tensors cannot be read ({e})") from None
-    expected = meta.get(CHECKSUM_KEY)
-    if expected is None:
-        print(f"moe-ablate: warning: {path} has no checksum (written before checksums were added), so its "
-              "tensors cannot be verified; resuming from it anyway (its next save adds one)", file=sys.stderr)
-    elif tensors_sha256(tensors) != expected:
-        raise _damaged(path, "its tensor data does not match the sha256 stored when it was written (the file "
-                             "was corrupted on disk or in a copy)")
-    try:
-        _restore(tensors, meta["aliases"], model, optimizer)
-    except (IndexError, KeyError, RuntimeError, ValueError) as e:  # only for an unverified (checksum-less) file
-        raise _damaged(path, f"its tensors do not fit this run's model and optimizer ({e})") from None
-    return meta["run_state"]
+    """`read_checkpoint` then `restore_checkpoint`; returns the saved ``run_state`` dict."""
+    ckpt = read_checkpoint(path)
+    restore_checkpoint(ckpt, model, optimizer)
+    return ckpt.run_state
 
 
 def _restore(tensors: dict[str, Tensor], aliases: dict[str, str], model: nn.Module,
@@ -172,15 +186,6 @@ def _restore(tensors: dict[str, Tensor], aliases: dict[str, str], model: nn.Modu
     torch.set_rng_state(tensors["rng/torch"])
     if "rng/cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng/cuda"], next(model.parameters()).device)
-
-
-def read_run_state(path: Path) -> Optional[dict]:
-    """The run_state of a checkpoint without loading tensors (None if there is no checkpoint); DamagedFileError
-    for a file that is not a readable moe-ablate checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    return _read_metadata(path)["run_state"]
 
 
 def _json_sha256(obj: dict) -> str:

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from ..control import attach, aux_losses, moe_layers, routing_context, set_aux_loss_scale, total_aux_loss
 from ..metrics import max_violation
 from ..routers.relu import ReLURouter
-from .checkpoint import (atomic_write_checked_json, load_checkpoint, read_checked_json, read_run_state,
-                         remove_stale_temporaries, save_checkpoint)
+from .checkpoint import (atomic_write_checked_json, read_checked_json, read_checkpoint, remove_stale_temporaries,
+                         restore_checkpoint, save_checkpoint)
 from .config import Preset
 from .data import _mix, get_batch
 from .lock import folder_lock
@@ -198,13 +198,14 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
     # from data and init; the checkpoint saves and restores it
     torch.manual_seed(_mix(seed, "noise") % (1 << 62))
     state, start = _fresh_state(), 0
-    saved = read_run_state(ckpt_path)
-    if saved is not None:
-        _check_fingerprint(saved.get("fingerprint"), fingerprint, ckpt_path)
-        if saved.get("library_digest") != digest:
+    if ckpt_path.exists():
+        saved = read_checkpoint(ckpt_path)  # verified before the fingerprint is trusted
+        _check_fingerprint(saved.run_state.get("fingerprint"), fingerprint, ckpt_path)
+        if saved.run_state.get("library_digest") != digest:
             print(f"moe-ablate: warning: resuming {ckpt_path} with other moe_routing sources (digest "
-                  f"{saved.get('library_digest')} != {digest})", file=sys.stderr)
-        state = load_checkpoint(ckpt_path, model, optimizer)
+                  f"{saved.run_state.get('library_digest')} != {digest})", file=sys.stderr)
+        restore_checkpoint(saved, model, optimizer)
+        state = dict(saved.run_state)
         start = state.pop("step")
     state["fingerprint"], state["library_digest"] = fingerprint, digest
     active, total = count_params(model, p.top_k)
@@ -288,8 +289,9 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
     return result
 
 
-def _check_fingerprint(saved: Optional[dict], current: dict, path: Path) -> None:
+def _check_fingerprint(saved: object, current: dict, path: Path) -> None:
     if saved != current:
-        diff = sorted(k for k in set(saved or {}) | set(current) if (saved or {}).get(k) != current.get(k))
+        saved = saved if isinstance(saved, dict) else {}
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise ValueError(f"{path} belongs to a run with different settings ({', '.join(diff)}); "
                          "use another --out folder or delete it")
