@@ -3,7 +3,7 @@
 Every file is written to a temporary name in the same folder, flushed, fsynced and moved over the target with
 ``os.replace``: a kill -9 at any moment leaves either the old file or the new one, never a torn one. Atomic
 writes do not protect against what happens to a file afterwards (a bad disk, a failed copy, a hand edit), so
-checkpoints carry a sha256 of their tensors and result files one of their JSON content, both verified on read:
+checkpoints carry a sha256 of their run state and tensors and result files one of their JSON, verified on read:
 a damaged file is refused with an error that names it and says how to recover, never resumed from.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -197,7 +197,7 @@ def atomic_write_checked_json(path: Path, obj: dict) -> None:
     atomic_write_json(path, {**obj, JSON_CHECKSUM_KEY: _json_sha256(obj)})
 
 
-def read_checked_json(path: Path, required: Iterable[str], remedy: str) -> dict:
+def read_checked_json(path: Path, required: Sequence[str], remedy: str) -> dict:
     """Read a file written by `atomic_write_checked_json` (checksum key removed); DamagedFileError naming
     ``path`` and ``remedy`` if it is not UTF-8 JSON, not an object with the ``required`` keys, or does not match
     its checksum. A file without a checksum (written before checksums were added) is accepted with a warning."""
@@ -206,9 +206,12 @@ def read_checked_json(path: Path, required: Iterable[str], remedy: str) -> dict:
         obj = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:  # unreadable, binary, torn or not JSON
         raise _damaged(path, f"is not readable JSON ({e})", remedy) from None
-    if not isinstance(obj, dict) or any(k not in obj for k in required):
-        missing = [k for k in required if k not in obj] if isinstance(obj, dict) else list(required)
-        raise _damaged(path, f"is not a moe-ablate run result (missing {', '.join(missing)})", remedy)
+    if not isinstance(obj, dict):
+        raise _damaged(path, f"is not a moe-ablate result file (a JSON {type(obj).__name__}, not an object)", remedy)
+    missing = [k for k in required if k not in obj]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise _damaged(path, f"is not a moe-ablate result file (no {shown})", remedy)
     expected = obj.pop(JSON_CHECKSUM_KEY, None)
     if expected is None:
         print(f"moe-ablate: warning: {path} has no checksum (written before checksums were added); reading it "
