@@ -3,6 +3,7 @@ results aggregation and argument errors. Tiny model (d=32, 2 layers, seq 32, bat
 import csv
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -265,13 +266,105 @@ def test_cli_subprocess_module(tmp_path):
     (["--tokenizer", "/no/tok.json"], "--tokenizer must be 'byte', 'bpe' or a tokenizer.json file"),
     (["--routers", "topk,topk"], "--routers names a router twice"),
     (["--device", "gpu0"], "--device must be a torch device"),
+    (["--device", "meta"], "--device must be cpu or cuda[:N], got 'meta'"),
+    # an empty value is a mistake, never "the default" (--data "" was every .txt below the current folder)
+    (["--data", ""], "--data must not be empty"),
+    (["--data", "  "], "--data must not be empty"),
+    (["--routers", ""], "--routers must not be empty"),
+    (["--routers", " , ,"], "--routers must name at least one of"),
+    (["--out", ""], "--out must not be empty"),
+    (["--tokenizer", ""], "--tokenizer must not be empty"),
+    (["--preset", " "], "--preset must not be empty"),
+    (["--device", ""], "--device must not be empty"),
 ])
-def test_bad_arguments_give_clear_errors(tmp_path, capsys, argv, message):
+def test_bad_arguments_give_clear_errors(tmp_path, capsys, monkeypatch, argv, message):
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "notes.txt").write_text("text that must not be trained on\n" * 50)
+    monkeypatch.chdir(tmp_path / "cwd")  # what a relative default (runs/..., ".") would reach
     base = ["--preset", "smoke", "--out", str(tmp_path / "x"), "--no-progress"]
     assert cli.main(base + argv) == 2
     err = capsys.readouterr().err
     assert message in err
-    assert not (tmp_path / "x" / "results.csv").exists()
+    assert not (tmp_path / "x" / "results.csv").exists() and not (tmp_path / "cwd" / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    (["--steps", "True"], "argument --steps: expected an integer >= 1, got 'True'"),
+    (["--micro-batch", "-2"], "argument --micro-batch: expected an integer >= 1, got '-2'"),
+    (["--experts", "0"], "argument --experts: expected an integer >= 1"),
+    (["--top-k", "0"], "argument --top-k: expected an integer >= 1"),
+    (["--ckpt-interval", "0"], "argument --ckpt-interval: expected an integer >= 1"),
+    (["--eval-interval", "-1"], "argument --eval-interval: expected an integer >= 1"),
+    (["--threads", "-1"], "argument --threads: expected an integer >= 0, got '-1'"),
+    (["--seeds", ""], "argument --seeds: expected comma-separated integers >= 0"),
+    (["--seeds", ","], "argument --seeds: expected comma-separated integers >= 0"),
+    (["--seeds", "true"], "argument --seeds: expected comma-separated integers"),
+])
+def test_bad_counts_are_argument_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--no-progress", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(seeds=(True,)), "seeds must be a non-empty tuple of ints"),
+    (dict(seeds=(1, 1)), "seeds must be distinct"),
+    (dict(threads=True), "threads must be an int >= 0"),
+    (dict(steps=True), "steps must be a positive int, got True"),
+    (dict(lr=float("nan")), "lr must be a finite number"),
+    (dict(lr=True), "lr must be a finite number"),
+    (dict(routers=()), "routers must be a non-empty tuple"),
+    (dict(routers=("topk", "")), "routers must be a non-empty tuple"),
+    (dict(betas=(0.9,)), "betas must be two numbers in [0, 1)"),
+])
+def test_preset_refuses_bool_nan_and_empty_values(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_preset("smoke", **change)
+
+
+@pytest.mark.parametrize("content, message", [
+    (bytes(range(256)) * 40, "is not UTF-8 text (invalid byte 0x80 at offset 128)"),
+    (b"\xff\xfeh\x00e\x00l\x00l\x00o\x00" * 500, "is not UTF-8 text (invalid byte 0xff at offset 0)"),  # UTF-16
+    (b"ab\x00\x01cd\x02" * 600, "looks binary, not text"),
+])
+def test_binary_data_file_is_refused(tmp_path, capsys, content, message):
+    (tmp_path / "docs").mkdir()
+    for i in range(3):
+        (tmp_path / "docs" / f"doc{i}.txt").write_text("plain text\n" * 100)
+    (tmp_path / "docs" / "doc1.txt").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"--data file {tmp_path / 'docs' / 'doc1.txt'} {message}")):
+        data_mod.load_corpus(str(tmp_path / "docs"))
+    (tmp_path / "one.bin").write_bytes(content)
+    assert cli.main(["--preset", "smoke", "--data", str(tmp_path / "one.bin"), "--out", str(tmp_path / "x"),
+                     "--no-progress"]) == 2
+    assert f"--data file {tmp_path / 'one.bin'} " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0123456789" * 30, "the validation split of --data {path} (short.txt[last 10%]) has 30 tokens, fewer than "
+                        "seq_len+2=34 (one file: validation is its last 10%)"),
+    ("", "the training split of --data {path} (short.txt[first 90%]) has 0 tokens"),
+])
+def test_too_short_split_names_the_split(tmp_path, capsys, text, message):
+    (tmp_path / "short.txt").write_text(text)
+    assert cli.main(["--preset", "smoke", "--data", str(tmp_path / "short.txt"), "--out", str(tmp_path / "x"),
+                     "--no-progress"]) == 2
+    assert message.format(path=(tmp_path / "short.txt").resolve()) in capsys.readouterr().err
+
+
+def test_unreadable_tokenizer_files_are_named(tmp_path):
+    corpus = data_mod.Corpus(["the king and the queen\n" * 50], ["the king"], "test", ["v"])
+    (tmp_path / "not-a-tokenizer.json").write_text("just text")
+    with pytest.raises(ValueError, match=r"not-a-tokenizer\.json is not a readable tokenizer\.json"):
+        data_mod.make_tokenizer(str(tmp_path / "not-a-tokenizer.json"), corpus, 0, tmp_path)
+    data_mod.make_tokenizer("bpe", corpus, 300, tmp_path / "cache")
+    cached, = (tmp_path / "cache").glob("bpe-300-*.json")
+    cached.write_text(cached.read_text()[:100])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(cached))} is not a readable tokenizer\.json .*; "
+                                         "delete it to train the tokenizer again"):
+        data_mod.make_tokenizer("bpe", corpus, 300, tmp_path / "cache")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

