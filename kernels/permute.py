@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune, check_index
+from ._launch import autotune, check_device, check_index
 
 
 def _configs() -> list:
@@ -31,6 +31,7 @@ def permute(x_TD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
     """``x_ND[n] = x_TD[rows_N[n]]`` for ``x_TD`` [T, D] (made contiguous) and int32/int64 ``rows_N`` [N]."""
     if x_TD.dim() != 2:
         raise ValueError(f"x_TD must be 2-D [T, D], got shape {tuple(x_TD.shape)}")
+    check_device("x_TD", x_TD)
     check_index("rows_N", rows_N, x_TD.shape[0])
     x_TD = x_TD.contiguous()
     N, D = rows_N.numel(), x_TD.shape[1]

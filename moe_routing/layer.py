@@ -1,12 +1,12 @@
 """MoELayer: a drop-in ``nn.Module`` wiring router -> losses -> dispatch -> experts -> combine -> stats."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import settings
 from .decision import RoutingContext, RoutingDecision
 from .experts import GroupedExperts, SharedExperts
 from .losses.attach import inject_aux_loss
@@ -126,7 +126,7 @@ class MoELayer(nn.Module):
             lens = ctx.seq_lens
             if x.device.type == "cpu":
                 lens = lens.to(x.device)  # bringing them to the host syncs anyway, so they are checked there
-            if lens.device.type == "cpu" or _debug_checks():
+            if lens.device.type == "cpu" or settings.debug_checks():
                 if lens.dim() != 1 or int(lens.sum()) != T or bool((lens < 0).any()):
                     raise ValueError(f"seq_lens must be a 1-D tensor of non-negative lengths summing to the token "
                                      f"count {T}, got shape {tuple(lens.shape)} and sum {int(lens.sum())}")
@@ -226,8 +226,3 @@ class MoELayer(nn.Module):
         y_TD = combine(h_ND, weight_N, inverse_order(order_N), token_N, T, top_k, backend, max_pairs=max_pairs)
         load_E = counts_E if valid_N is None else expert_counts(expert_N, E, valid_N.long())
         return y_TD, load_E, routed, dropped
-
-
-def _debug_checks() -> bool:
-    """Value checks that would sync an accelerator run only with ``MOE_ROUTING_DEBUG=1``."""
-    return os.environ.get("MOE_ROUTING_DEBUG") == "1"

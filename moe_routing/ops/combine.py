@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import accumulate_dtype, resolve_backend
+from .backend import accumulate_dtype, op_backend
 from .counts import csr_offsets
 
 
@@ -124,4 +124,4 @@ def combine(h_ND: Tensor, weight_N: Tensor, row_N: Tensor, token_N: Tensor, num_
     if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1):
         raise ValueError(f"max_pairs must be None or a positive int, got {max_pairs!r}")
     return _combine(h_ND.contiguous(), weight_N.contiguous(), row_N.long(), token_N.long(), int(num_tokens),
-                    int(top_k or 0), resolve_backend(backend, h_ND.device), int(max_pairs or 0))
+                    int(top_k or 0), op_backend(backend, h_ND.device), int(max_pairs or 0))

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import op_backend
 
 
 def sort_by_expert(expert_N: Tensor, num_experts: int, backend: str = "torch") -> tuple[Tensor, Tensor, Tensor]:
@@ -21,7 +21,7 @@ def sort_by_expert(expert_N: Tensor, num_experts: int, backend: str = "torch") -
         counts_E: int64 [E] pairs per expert.
         offsets_E: int32 [E] end offset of each expert's rows (inclusive prefix sum), as grouped GEMMs take.
     """
-    resolved = resolve_backend(backend, expert_N.device)
+    resolved = op_backend(backend, expert_N.device)
     if resolved == "triton":
         from .._kernels import counts as kernel
 

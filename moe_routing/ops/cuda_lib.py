@@ -20,11 +20,12 @@ index ranges are checked on the host (a sync) before each launch; otherwise they
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from typing import Optional
 
 import torch
+
+from .. import settings
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -144,7 +145,7 @@ def _index(name: str, t, n: int, upper: int, device: torch.device) -> torch.Tens
         raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
     _on_device(name, t, device)
     t = t.to(torch.int64).contiguous()
-    if os.environ.get("MOE_ROUTING_DEBUG") == "1" and n > 0:
+    if settings.debug_checks() and n > 0:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} has values in [{lo}, {hi}], outside [0, {upper})")

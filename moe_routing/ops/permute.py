@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import accumulate_dtype, resolve_backend
+from .backend import accumulate_dtype, op_backend
 from .counts import csr_offsets
 
 
@@ -96,5 +96,5 @@ def permute(x_TD: Tensor, rows_N: Tensor, backend: str = "auto", top_k: Optional
             raise ValueError(f"{name} must be None or a positive int, got {v!r}")
     if top_k is not None and top_k * x_TD.shape[0] != rows_N.shape[0]:
         raise ValueError(f"top_k={top_k} needs N = T*K = {top_k * x_TD.shape[0]} rows, got {rows_N.shape[0]}")
-    return _permute(x_TD.contiguous(), rows_N.long(), resolve_backend(backend, x_TD.device), int(top_k or 0),
+    return _permute(x_TD.contiguous(), rows_N.long(), op_backend(backend, x_TD.device), int(top_k or 0),
                     int(max_pairs or 0))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import accumulate_dtype, resolve_backend
+from .backend import accumulate_dtype, op_backend
 
 
 def _select(x_TE: Tensor, k: int) -> Tensor:
@@ -127,4 +127,4 @@ def topk_softmax(logits_TE: Tensor, k: int, backend: str = "auto", *, softmax_be
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     return _topk_softmax(logits_TE.contiguous(), k, softmax_before_topk, normalize,
-                         resolve_backend(backend, logits_TE.device))
+                         op_backend(backend, logits_TE.device))

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .. import settings
 from ..decision import RoutingContext, RoutingDecision
 from .base import Router, forced_experts_TK
 
@@ -122,7 +122,7 @@ class HashRouter(Router):
                              "or pass RoutingContext(token_ids=ids) to the layer")
         ids_T = ids_T.to(x_TD.device).long()
         if not torch.compiler.is_compiling() and T and (ids_T.device.type == "cpu"
-                                                          or os.environ.get("MOE_ROUTING_DEBUG") == "1"):
+                                                          or settings.debug_checks()):
             high = self.vocab_size if self.vocab_size is not None else math.inf
             lo, hi = int(ids_T.min()), int(ids_T.max())
             if lo < 0 or hi >= high:
