@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.grouped_mm import IMPLS, grouped_mm
+from .ops.grouped_mm import check_impl, grouped_mm
 
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 
@@ -29,8 +29,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if expert_impl not in IMPLS:
-            raise ValueError(f"expert_impl must be one of {IMPLS}, got {expert_impl!r}")
+        check_impl(expert_impl)
         if not isinstance(ffn_hidden_size, int) or ffn_hidden_size < 1:
             raise ValueError(f"ffn_hidden_size must be a positive int, got {ffn_hidden_size!r}")
         self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size

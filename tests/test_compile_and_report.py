@@ -12,6 +12,8 @@ from torch import nn
 from moe_routing import MoELayer, RoutingContext, format_routing_report, routing_report
 from moe_routing.losses import SequenceAuxLoss, SwitchAuxLoss
 
+from conftest import needs_grouped_mm
+
 D, F, E, K = 16, 32, 4, 2
 
 
@@ -248,6 +250,7 @@ def test_capacity_drop_stats_per_policy(policy):
 
 
 @pytest.mark.slow
+@needs_grouped_mm
 def test_dropless_layer_with_padding_compiles_without_graph_breaks():
     """fullgraph=True fails on any graph break: a bincount or boolean index (data-dependent sizes) would be one."""
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from moe_routing.ops import (capacity_keep_mask, combine, expert_capacity, grouped_mm, grouped_mm_supported,
                              inverse_order, permute, resolve_backend, sort_by_expert)
 from moe_routing.ops.grouped_mm import _grouped_mm_op, _loop_mm
+from conftest import needs_grouped_mm
 
 RTOL64, ATOL64 = 1e-12, 1e-12
 HYP = settings(max_examples=25, deadline=None)
@@ -160,7 +161,7 @@ def test_expert_capacity():
             expert_capacity(bad, 10, 2, 4)
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "auto"])
+@pytest.mark.parametrize("impl", ["loop", pytest.param("grouped_mm", marks=needs_grouped_mm), "auto"])
 def test_grouped_mm_matches_loop(impl):
     E, D, F = 5, 8, 12
     counts = torch.tensor([3, 0, 5, 1, 0])
@@ -171,6 +172,7 @@ def test_grouped_mm_matches_loop(impl):
     torch.testing.assert_close(out, naive_grouped_mm(x, w, counts.tolist()), rtol=1e-5, atol=1e-5)
 
 
+@needs_grouped_mm
 def test_grouped_mm_supported_rules():
     x, w = torch.randn(4, 8), torch.randn(2, 8, 12)
     assert grouped_mm_supported(x, w)
@@ -186,6 +188,38 @@ def test_grouped_mm_all_empty_and_float64_loop():
     out = grouped_mm(torch.zeros(0, 4, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64),
                      counts, offsets)
     assert out.shape == (0, 6) and out.dtype == torch.float64
+
+
+def test_grouped_mm_without_torch_grouped_mm_falls_back_to_loop(monkeypatch):
+    """A torch without `torch._grouped_mm`: "auto" loops (same result), a forced "grouped_mm" says why."""
+    from moe_routing import MoELayer
+    from moe_routing.experts import GroupedExperts
+
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    x, w = torch.randn(4, 8, generator=gen(30)), torch.randn(2, 8, 12, generator=gen(31))
+    assert not grouped_mm_supported(x, w)
+    counts = torch.tensor([1, 3])
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    torch.testing.assert_close(grouped_mm(x, w, counts, offsets), naive_grouped_mm(x, w, [1, 3]),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expert_impl='grouped_mm' needs torch._grouped_mm.*'auto'"):
+        grouped_mm(x, w, counts, offsets, "grouped_mm")
+    with pytest.raises(ValueError, match="needs torch._grouped_mm"):
+        GroupedExperts(2, 8, 12, expert_impl="grouped_mm")
+    with pytest.raises(ValueError, match="needs torch._grouped_mm"):
+        MoELayer(8, 12, 2, 1, expert_impl="grouped_mm")
+    layer = MoELayer(16, 8, 4, 2, losses=[])  # auto: fp32, aligned sizes, yet no _grouped_mm -> the loop
+    layer(torch.randn(5, 16)).sum().backward()
+    assert layer.experts.w_up.grad is not None
+
+
+def test_grouped_mm_available_checks_the_device_kernel(monkeypatch):
+    from moe_routing.ops import grouped_mm_available
+
+    assert not grouped_mm_available(torch.device("meta"))  # only CPU and CUDA are used
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    assert not grouped_mm_available(torch.device("cpu"))
+    assert not grouped_mm_available(torch.device("cuda"))
 
 
 # ---------------------------------------------------------------------------------------------- gradients
@@ -218,6 +252,7 @@ def test_gradcheck_grouped_mm_loop():
     assert torch.autograd.gradcheck(lambda x, w: grouped_mm(x, w, counts, offsets, "loop"), (x, w))
 
 
+@needs_grouped_mm
 def test_grouped_mm_op_backward_matches_loop_fp32():
     """`_grouped_mm_op` (custom op around torch._grouped_mm, fp32 only) backward vs autograd of the loop."""
     E, D, F = 4, 8, 12

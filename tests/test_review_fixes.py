@@ -20,6 +20,8 @@ from moe_routing.ops import capacity_keep_mask, combine, expert_capacity, groupe
 from moe_routing.ops.counts import csr_offsets, expert_counts, sort_by_expert
 from moe_routing.routers import ReLURouter, Router
 
+from conftest import needs_grouped_mm
+
 D, F, E, K = 16, 32, 4, 2  # fp32 rows of 64/128 bytes: the grouped_mm path applies
 
 
@@ -335,7 +337,7 @@ def test_combine_backward_skips_weight_grad_when_not_needed(fixed_k):
 
 
 # ------------------------------------------------------------------------------- 8. grouped_mm, N = 0
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("impl", [pytest.param("grouped_mm", marks=needs_grouped_mm), "loop"])
 @pytest.mark.parametrize("counts", [[0, 0, 0], [3, 0, 2], [0, 5, 0]])
 def test_grouped_mm_zero_rows_forward_backward(impl, counts):
     counts_E = torch.tensor(counts)
@@ -356,7 +358,7 @@ def test_grouped_mm_zero_rows_forward_backward(impl, counts):
     torch.testing.assert_close(w.grad, ref_gw, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("impl", [pytest.param("grouped_mm", marks=needs_grouped_mm), "loop"])
 def test_layer_with_no_routed_pairs_backward(impl):
     # all padding under capacity mode, and a ReLU router that selects nothing: N = 0 after routing
     layer = moe(capacity_factor=1.0, expert_impl=impl, losses=[])

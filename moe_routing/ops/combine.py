@@ -5,8 +5,7 @@ Accumulates in float32 (float64 for float64 inputs) and casts to ``h``'s dtype. 
 ``dh[row_N[p]] = w[p] * dy[t]`` and ``dw[p] = <dy[t], h[row_N[p]]>``, each only when its input needs a
 gradient (the kernel backends compute both in one pass and drop the unneeded one).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch < 2.5 builds custom-op schemas from evaluated annotations.
 import torch
 from torch import Tensor
 

@@ -8,8 +8,7 @@ The kernel backends' backward is token-major and needs each token's row range an
 has; ``top_k`` (every token gathered exactly k times) and ``max_pairs`` (an upper bound) let it get both
 without a host sync.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch < 2.5 builds custom-op schemas from evaluated annotations.
 from typing import Optional
 
 import torch

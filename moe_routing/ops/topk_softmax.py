@@ -18,8 +18,7 @@ Gradient (to the logits): softmax over the chosen k (default, or ``normalize``):
 ``d_l[e_j] = w_j (g_j - sum_i g_i w_i)``. Full softmax without ``normalize``: every entry,
 ``d_l = p * (g_hat - <g_hat, p>)`` with ``g_hat`` the gradient scattered to the chosen ids.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch < 2.5 builds custom-op schemas from evaluated annotations.
 import torch
 from torch import Tensor
 
