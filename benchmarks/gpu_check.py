@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_routing as mr  # noqa: E402
-from moe_routing.ops import combine, inverse_order, permute, sort_by_expert  # noqa: E402
+from moe_routing.ops import combine, invert_permutation, permute, sort_by_expert  # noqa: E402
 from moe_routing.ops import cuda_lib  # noqa: E402
 from moe_routing.ops.combine import _combine_backward  # noqa: E402
 from moe_routing.ops.topk_softmax import topk_softmax  # noqa: E402
@@ -50,8 +50,8 @@ def bench(fn, device: torch.device, reps: int) -> float:
 def routed_pairs(T: int, E: int, K: int, device):
     experts_TK = torch.rand(T, E, device=device).topk(K, dim=-1).indices
     token_N = torch.arange(T, device=device).repeat_interleave(K)
-    order_N, _, _ = sort_by_expert(experts_TK.reshape(-1), E)
-    return token_N, order_N, inverse_order(order_N)
+    pair_of_row_N, _, _ = sort_by_expert(experts_TK.reshape(-1), E)
+    return token_N, pair_of_row_N, invert_permutation(pair_of_row_N)
 
 
 def check_close(name: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> None:
@@ -101,17 +101,17 @@ def router_rows(T: int, E: int, K: int, device, reps: int, cuda_ok: bool) -> lis
 
 
 def op_rows(T: int, D: int, E: int, K: int, dtype, device, reps: int, cuda_ok: bool = False) -> list[dict]:
-    token_N, order_N, row_N = routed_pairs(T, E, K, device)
+    token_N, pair_of_row_N, row_of_pair_N = routed_pairs(T, E, K, device)
     x = torch.randn(T, D, dtype=dtype, device=device)
     h = torch.randn(T * K, D, dtype=dtype, device=device)
     w = torch.rand(T * K, dtype=torch.float32, device=device)
     dy = torch.randn(T, D, dtype=dtype, device=device)
-    rows_N = token_N[order_N]
+    src_token_N = token_N[pair_of_row_N]
     tol = dict(rtol=1e-6, atol=1e-5 * K) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2 * K)
     ops = {
-        "permute": (lambda b: permute(x, rows_N, b), 2 * T * K * D),
-        "combine": (lambda b: combine(h, w, row_N, token_N, T, K, b), (T * K + T) * D),
-        "combine_bwd": (lambda b: _combine_backward(dy, h, w, row_N, token_N, b), (T * K * 3) * D),
+        "permute": (lambda b: permute(x, src_token_N, b), 2 * T * K * D),
+        "combine": (lambda b: combine(h, w, row_of_pair_N, token_N, T, K, b), (T * K + T) * D),
+        "combine_bwd": (lambda b: _combine_backward(dy, h, w, row_of_pair_N, token_N, b), (T * K * 3) * D),
     }
     rows = []
     backends = ["triton"] + (["cuda"] if cuda_ok else [])

@@ -147,8 +147,8 @@ def _ptr(t):
 
 def _emu_routing(T: int, E: int, K: int, variable: bool, gen: torch.Generator):
     """Pairs in token order over the first E//2 experts only (the rest get zero tokens); K distinct experts
-    per token, or 0..K when ``variable``. Returns token_N, expert-sorted order_N and row_N, CSR offsets."""
-    from moe_routing.ops import inverse_order, sort_by_expert
+    per token, or 0..K when ``variable``. Returns token_N, pair_of_row_N, row_of_pair_N, token_offsets_T1."""
+    from moe_routing.ops import invert_permutation, sort_by_expert
 
     token, expert = [], []
     for t in range(T):
@@ -157,10 +157,10 @@ def _emu_routing(T: int, E: int, K: int, variable: bool, gen: torch.Generator):
             token.append(t)
             expert.append(e)
     token_N, expert_N = torch.tensor(token, dtype=torch.long), torch.tensor(expert, dtype=torch.long)
-    order_N, counts_E, _ = sort_by_expert(expert_N, E, "torch")
+    pair_of_row_N, counts_E, _ = sort_by_expert(expert_N, E, "torch")
     assert (counts_E == 0).any()  # zero-token experts are part of every case
     offsets = torch.nn.functional.pad(torch.bincount(token_N, minlength=T).cumsum(0), (1, 0))
-    return token_N, order_N, inverse_order(order_N), offsets
+    return token_N, pair_of_row_N, invert_permutation(pair_of_row_N), offsets
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -170,31 +170,31 @@ def test_emu_abi_matches_torch_reference(emu_lib, dtype, T, E, K, D, variable):
     from moe_routing.ops import combine, permute
 
     gen = torch.Generator().manual_seed(T * 100 + D)
-    token_N, order_N, row_N, offsets = _emu_routing(T, E, K, variable, gen)
+    token_N, pair_of_row_N, row_of_pair_N, offsets = _emu_routing(T, E, K, variable, gen)
     N = token_N.numel()
     code = _CODE[dtype]
     top_k = None if variable else K
 
     # permute: exact row copies
     x = torch.randn(T, D, generator=gen).to(dtype)
-    rows_N = token_N[order_N].contiguous()
+    src_token_N = token_N[pair_of_row_N].contiguous()
     out = torch.full((N, D), 7.0, dtype=dtype)
-    assert emu_lib.moe_permute_fwd(_ptr(x), _ptr(rows_N), _ptr(out), N, D, code, None) == 0
-    assert torch.equal(out, permute(x, rows_N, "torch"))
+    assert emu_lib.moe_permute_fwd(_ptr(x), _ptr(src_token_N), _ptr(out), N, D, code, None) == 0
+    assert torch.equal(out, permute(x, src_token_N, "torch"))
 
     # combine forward (weighted) and backward, vs the torch backend's op and its autograd
     h = torch.randn(N, D, generator=gen).to(dtype).requires_grad_()
     w = torch.rand(N, generator=gen).requires_grad_()
     dy = torch.randn(T, D, generator=gen).to(dtype)
-    ref_y = combine(h, w, row_N, token_N, T, top_k, "torch")
+    ref_y = combine(h, w, row_of_pair_N, token_N, T, top_k, "torch")
     ref_dh, ref_dw = torch.autograd.grad(ref_y, (h, w), dy)
     y = torch.full((T, D), 7.0, dtype=dtype)  # poison: every row must be written, zero-pair tokens too
-    assert emu_lib.moe_combine_fwd(_ptr(h), _ptr(w), _ptr(row_N), _ptr(offsets), _ptr(y), T, D, code, None) == 0
+    assert emu_lib.moe_combine_fwd(_ptr(h), _ptr(w), _ptr(row_of_pair_N), _ptr(offsets), _ptr(y), T, D, code, None) == 0
     tol = {} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
     torch.testing.assert_close(y, ref_y.detach(), **tol)
     d_h, d_w = torch.full_like(h, 7.0), torch.full_like(w, 7.0)
-    st = emu_lib.moe_combine_bwd(_ptr(dy), _ptr(h), _ptr(w), _ptr(row_N), _ptr(token_N), _ptr(d_h), _ptr(d_w), N, D,
-                                 code, None)
+    st = emu_lib.moe_combine_bwd(_ptr(dy), _ptr(h), _ptr(w), _ptr(row_of_pair_N), _ptr(token_N), _ptr(d_h),
+                                 _ptr(d_w), N, D, code, None)
     assert st == 0
     torch.testing.assert_close(d_h, ref_dh, **tol)
     torch.testing.assert_close(d_w, ref_dw, rtol=1e-5, atol=1e-5 * D)
@@ -202,8 +202,8 @@ def test_emu_abi_matches_torch_reference(emu_lib, dtype, T, E, K, D, variable):
     # weight NULL is permute's backward: dx[t] = sum of the rows gathered from t
     xg = x.detach().requires_grad_()
     g_ND = torch.randn(N, D, generator=gen).to(dtype)
-    (ref_dx,) = torch.autograd.grad(permute(xg, rows_N, "torch"), xg, g_ND)
-    rows_by_token = torch.sort(rows_N, stable=True).indices
+    (ref_dx,) = torch.autograd.grad(permute(xg, src_token_N, "torch"), xg, g_ND)
+    rows_by_token = torch.sort(src_token_N, stable=True).indices
     dx = torch.full((T, D), 7.0, dtype=dtype)
     assert emu_lib.moe_combine_fwd(_ptr(g_ND), None, _ptr(rows_by_token), _ptr(offsets), _ptr(dx), T, D, code,
                                    None) == 0
@@ -217,14 +217,15 @@ def test_emu_expert_counts_match_torch_sort(emu_lib, N, E, used):
     from moe_routing.ops import sort_by_expert
 
     expert_N = torch.randint(0, used, (N,), generator=torch.Generator().manual_seed(N + E))
-    ref_order, ref_counts, ref_ends = sort_by_expert(expert_N, E, "torch")
+    ref_pair_of_row, ref_counts, ref_offsets = sort_by_expert(expert_N, E, "torch")
     counts, offsets = torch.full((E,), -7), torch.full((E + 1,), -7)
-    order = torch.full((N,), -7)
+    pair_of_row = torch.full((N,), -7)
     work = torch.empty(emu_lib.moe_expert_counts_workspace(N, E), dtype=torch.uint8)
-    st = emu_lib.moe_expert_counts(_ptr(expert_N), N, E, _ptr(counts), _ptr(offsets), _ptr(order), _ptr(work), None)
+    st = emu_lib.moe_expert_counts(_ptr(expert_N), N, E, _ptr(counts), _ptr(offsets), _ptr(pair_of_row), _ptr(work),
+                                   None)
     assert st == 0
-    assert torch.equal(order, ref_order) and torch.equal(counts, ref_counts)
-    assert offsets[0] == 0 and torch.equal(offsets[1:].to(torch.int32), ref_ends)
+    assert torch.equal(pair_of_row, ref_pair_of_row) and torch.equal(counts, ref_counts)
+    assert torch.equal(offsets, ref_offsets)  # the same CSR [E+1] offsets
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])

@@ -6,11 +6,11 @@ Importing this module builds nothing and needs no CUDA. The first call that need
 (ValueError/TypeError naming the argument) before anything else, pass ``data_ptr()``s and the current CUDA
 stream, and have the semantics of the Triton kernels (``kernels/``):
 
-    permute(x_TD, rows_N)                                   -> x_ND = x_TD[rows_N]
-    combine(h_ND, weight_N | None, row_N, token_offsets_T1) -> y_TD[t] = sum_p w[p] * h_ND[row_N[p]]
-    combine_backward(grad_TD, h_ND, weight_N, row_N, token_N) -> (d_h_ND, d_weight_N)
-    expert_counts(expert_N, num_experts)                    -> (order_N, counts_E, offsets_E1 exclusive)
-    sort_by_expert(expert_N, num_experts)                   -> (order_N, counts_E, offsets_E int32 end offsets)
+    permute(x_TD, src_token_N)                                   -> x_ND = x_TD[src_token_N]
+    combine(h_ND, weight_N | None, row_of_pair_N, token_offsets_T1) -> y_TD[t] = sum_p w[p] * h_ND[row_of_pair_N[p]]
+    combine_backward(grad_TD, h_ND, weight_N, row_of_pair_N, token_N) -> (d_h_ND, d_weight_N)
+    expert_counts(expert_N, num_experts)                    -> (pair_of_row_N, counts_E, offsets_E1 exclusive)
+    sort_by_expert(expert_N, num_experts)                   -> (pair_of_row_N, counts_E, offsets_E1 CSR [E+1])
     topk_softmax(logits_TE, k, softmax_before_topk, normalize) -> (weights_TK, experts_TK)
 
 Data: float32/float16/bfloat16/float64. Weights are passed as float32 (float64 for float64 data) and d_weight
@@ -173,28 +173,28 @@ def _stream(device: torch.device) -> ctypes.c_void_p:
 
 
 # ---- wrappers -----------------------------------------------------------------------------------------------
-def permute(x_TD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
-    """``x_ND[n] = x_TD[rows_N[n]]`` for contiguous CUDA ``x_TD`` [T, D]."""
+def permute(x_TD: torch.Tensor, src_token_N: torch.Tensor) -> torch.Tensor:
+    """``x_ND[n] = x_TD[src_token_N[n]]`` for contiguous CUDA ``x_TD`` [T, D]."""
     x_TD = _data("x_TD", x_TD, 2)
     dev = x_TD.device
-    rows_N = _tensor("rows_N", rows_N)
-    if rows_N.dim() != 1:
-        raise ValueError(f"rows_N must be 1-D, got shape {tuple(rows_N.shape)}")
-    rows_N = _index("rows_N", rows_N, rows_N.shape[0], x_TD.shape[0], dev)
-    N, D = rows_N.shape[0], x_TD.shape[1]
+    src_token_N = _tensor("src_token_N", src_token_N)
+    if src_token_N.dim() != 1:
+        raise ValueError(f"src_token_N must be 1-D, got shape {tuple(src_token_N.shape)}")
+    src_token_N = _index("src_token_N", src_token_N, src_token_N.shape[0], x_TD.shape[0], dev)
+    N, D = src_token_N.shape[0], x_TD.shape[1]
     out = x_TD.new_empty(N, D)
     if N == 0 or D == 0:
         return out
     lib = require()
     with torch.cuda.device(dev):
-        _check("moe_permute_fwd", lib.moe_permute_fwd(x_TD.data_ptr(), rows_N.data_ptr(), out.data_ptr(), N, D,
+        _check("moe_permute_fwd", lib.moe_permute_fwd(x_TD.data_ptr(), src_token_N.data_ptr(), out.data_ptr(), N, D,
                                                       _DTYPE_CODE[x_TD.dtype], _stream(dev)))
     return out
 
 
-def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_N: torch.Tensor,
+def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_of_pair_N: torch.Tensor,
             token_offsets_T1: torch.Tensor, max_pairs: Optional[int] = None) -> torch.Tensor:
-    """``y[t] = sum_{p in offsets[t]:offsets[t+1]} w[p] * h_ND[row_N[p]]`` (w = 1 when ``weight_N`` is None).
+    """``y[t] = sum_{p in offsets[t]:offsets[t+1]} w[p] * h_ND[row_of_pair_N[p]]`` (w = 1 when ``weight_N`` is None).
 
     Token-major and atomic-free (deterministic); accumulates in float32 (float64 for float64 data); ``y`` has
     ``h_ND``'s dtype. ``max_pairs`` is accepted for signature parity with the Triton kernel and unused.
@@ -208,7 +208,7 @@ def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_N: torch.T
         raise ValueError(f"token_offsets_T1 must be 1-D [T+1] (T >= 0), got shape {tuple(offs.shape)}")
     T = offs.shape[0] - 1
     offs = _index("token_offsets_T1", offs, T + 1, N + 1, dev)
-    row_N = _index("row_N", row_N, N, N, dev)
+    row_of_pair_N = _index("row_of_pair_N", row_of_pair_N, N, N, dev)
     w = None if weight_N is None else _weight("weight_N", weight_N, N, h_ND.dtype, dev)
     y = h_ND.new_empty(T, D)
     if T == 0 or D == 0:
@@ -216,12 +216,12 @@ def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_N: torch.T
     lib = require()
     with torch.cuda.device(dev):
         _check("moe_combine_fwd", lib.moe_combine_fwd(
-            h_ND.data_ptr(), None if w is None else w.data_ptr(), row_N.data_ptr(), offs.data_ptr(),
+            h_ND.data_ptr(), None if w is None else w.data_ptr(), row_of_pair_N.data_ptr(), offs.data_ptr(),
             y.data_ptr(), T, D, _DTYPE_CODE[h_ND.dtype], _stream(dev)))
     return y
 
 
-def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.Tensor, row_N: torch.Tensor,
+def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.Tensor, row_of_pair_N: torch.Tensor,
                      token_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `combine`: ``d_h[row[p]] = w[p] * dy[token[p]]``, ``d_w[p] = <dy[token[p]], h[row[p]]>``.
 
@@ -236,7 +236,7 @@ def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.
     if grad_TD.shape[1] != D:
         raise ValueError(f"grad_TD must be [T, {D}] (h_ND's width), got {tuple(grad_TD.shape)}")
     w = _weight("weight_N", weight_N, N, h_ND.dtype, dev)
-    row_N = _index("row_N", row_N, N, N, dev)
+    row_of_pair_N = _index("row_of_pair_N", row_of_pair_N, N, N, dev)
     token_N = _index("token_N", token_N, N, grad_TD.shape[0], dev)
     d_h = torch.empty_like(h_ND)
     d_w = torch.empty_like(w)
@@ -244,7 +244,7 @@ def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.
         lib = require()
         with torch.cuda.device(dev):
             _check("moe_combine_bwd", lib.moe_combine_bwd(
-                grad_TD.data_ptr(), h_ND.data_ptr(), w.data_ptr(), row_N.data_ptr(), token_N.data_ptr(),
+                grad_TD.data_ptr(), h_ND.data_ptr(), w.data_ptr(), row_of_pair_N.data_ptr(), token_N.data_ptr(),
                 d_h.data_ptr(), d_w.data_ptr(), N, D, _DTYPE_CODE[h_ND.dtype], _stream(dev)))
     return d_h, d_w.to(weight_N.dtype)
 
@@ -258,9 +258,9 @@ def _num_experts(num_experts) -> int:
 
 
 def expert_counts(expert_N: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(order_N int64, counts_E int64, offsets_E1 int64) for int32/int64 CUDA ``expert_N`` [N]: pairs per
+    """(pair_of_row_N int64, counts_E int64, offsets_E1 int64) for int32/int64 CUDA ``expert_N`` [N]: pairs per
     expert, exclusive offsets (``offsets_E1[0] = 0``, ``offsets_E1[E] = N``) and the stable expert-sorted order
-    (``order_N[offsets_E1[e] + r]`` is the r-th pair of expert e). Atomic-free and deterministic."""
+    (``pair_of_row_N[offsets_E1[e] + r]`` is the r-th pair of expert e). Atomic-free and deterministic."""
     E = _num_experts(num_experts)
     expert_N = _tensor("expert_N", expert_N)
     if expert_N.dtype not in _INDEX_DTYPES:
@@ -283,10 +283,8 @@ def expert_counts(expert_N: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
 
 
 def sort_by_expert(expert_N: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`moe_routing.ops.counts.sort_by_expert`'s contract: (order_N int64, counts_E int64, offsets_E int32
-    end offsets), from `expert_counts`."""
-    order, counts, offsets = expert_counts(expert_N, num_experts)
-    return order, counts, offsets[1:].to(torch.int32)
+    """`moe_routing.ops.counts.sort_by_expert`'s contract: (pair_of_row_N, counts_E, offsets_E1 CSR [E+1])."""
+    return expert_counts(expert_N, num_experts)
 
 
 def topk_softmax(logits_TE: torch.Tensor, k: int, softmax_before_topk: bool = False,

@@ -17,28 +17,29 @@ from torch import Tensor
 IMPLS = ("auto", "grouped_mm", "loop")
 
 
+# The private ops take `torch._grouped_mm`'s int32 end offsets ``ends_E`` (= ``offsets_E1[1:]``).
 @torch.library.custom_op("moe_routing::grouped_mm", mutates_args=())
-def _grouped_mm_op(x_ND: Tensor, w_EDF: Tensor, offsets_E: Tensor) -> Tensor:
+def _grouped_mm_op(x_ND: Tensor, w_EDF: Tensor, ends_E: Tensor) -> Tensor:
     if x_ND.shape[0] == 0:  # _grouped_mm rejects some zero-row operands (its backward's dy [0, F] with w^T)
         return x_ND.new_zeros(0, w_EDF.shape[2])
-    return torch._grouped_mm(x_ND, w_EDF, offs=offsets_E)
+    return torch._grouped_mm(x_ND, w_EDF, offs=ends_E)
 
 
 @_grouped_mm_op.register_fake
-def _(x_ND, w_EDF, offsets_E):
+def _(x_ND, w_EDF, ends_E):
     return x_ND.new_empty(x_ND.shape[0], w_EDF.shape[2])
 
 
 @torch.library.custom_op("moe_routing::grouped_mm_weight_grad", mutates_args=())
-def _weight_grad_op(x_ND: Tensor, dy_NF: Tensor, offsets_E: Tensor) -> Tensor:
+def _weight_grad_op(x_ND: Tensor, dy_NF: Tensor, ends_E: Tensor) -> Tensor:
     if x_ND.shape[0] == 0:  # no rows: every expert's weight gradient is zero ("Invalid strides" otherwise)
-        return x_ND.new_zeros(offsets_E.shape[0], x_ND.shape[1], dy_NF.shape[1])
-    return torch._grouped_mm(x_ND.t(), dy_NF, offs=offsets_E)
+        return x_ND.new_zeros(ends_E.shape[0], x_ND.shape[1], dy_NF.shape[1])
+    return torch._grouped_mm(x_ND.t(), dy_NF, offs=ends_E)
 
 
 @_weight_grad_op.register_fake
-def _(x_ND, dy_NF, offsets_E):
-    return x_ND.new_empty(offsets_E.shape[0], x_ND.shape[1], dy_NF.shape[1])
+def _(x_ND, dy_NF, ends_E):
+    return x_ND.new_empty(ends_E.shape[0], x_ND.shape[1], dy_NF.shape[1])
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -46,10 +47,10 @@ def _setup(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, dy_NF: Tensor):
-    x_ND, w_EDF, offsets_E = ctx.saved_tensors
+    x_ND, w_EDF, ends_E = ctx.saved_tensors
     dy_NF = dy_NF.contiguous()
-    dx = _grouped_mm_op(dy_NF, w_EDF.transpose(1, 2), offsets_E) if ctx.needs_input_grad[0] else None
-    dw = _weight_grad_op(x_ND, dy_NF, offsets_E) if ctx.needs_input_grad[1] else None
+    dx = _grouped_mm_op(dy_NF, w_EDF.transpose(1, 2), ends_E) if ctx.needs_input_grad[0] else None
+    dw = _weight_grad_op(x_ND, dy_NF, ends_E) if ctx.needs_input_grad[1] else None
     return dx, dw, None
 
 
@@ -105,9 +106,13 @@ def check_impl(impl: str) -> str:
     return impl
 
 
-def grouped_mm(x_ND: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor, impl: str = "auto") -> Tensor:
-    """``x_ND`` [N, D] rows grouped by expert (``counts_E`` rows each, ``offsets_E`` int32 end offsets) times
-    ``w_EDF`` [E, D, F] -> [N, F]."""
+def grouped_mm(x_ND: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E1: Tensor, impl: str = "auto") -> Tensor:
+    """``x_ND`` [N, D] rows grouped by expert times ``w_EDF`` [E, D, F] -> [N, F].
+
+    Expert e's rows are ``offsets_E1[e]:offsets_E1[e+1]`` (CSR offsets [E+1], as `sort_by_expert` returns;
+    ``counts_E`` [E] their sizes). ``impl``: "auto" (`torch._grouped_mm` where `grouped_mm_supported`, else the
+    loop), "grouped_mm" or "loop".
+    """
     check_impl(impl)
     use_grouped = grouped_mm_supported(x_ND, w_EDF) if impl == "auto" else impl == "grouped_mm"
     if use_grouped:
@@ -118,5 +123,5 @@ def grouped_mm(x_ND: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor,
         if not grouped_mm_supported(x_ND, w_EDF):
             raise ValueError("expert_impl='grouped_mm' needs float32/bfloat16 operands of one dtype whose "
                              "hidden sizes are multiples of 16 bytes (CPU, or bf16 on sm90+); use 'auto' or 'loop'")
-        return _grouped_mm_op(x_ND.contiguous(), w_EDF, offsets_E)
+        return _grouped_mm_op(x_ND.contiguous(), w_EDF, offsets_E1[1:].to(torch.int32))
     return _loop_mm(x_ND, w_EDF, counts_E)
