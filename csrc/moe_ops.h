@@ -1,11 +1,11 @@
-// moe_ops.h — C ABI of the CUDA C++ twins of the Triton kernels (kernels/permute.py, combine.py, counts.py,
-// topk_softmax.py).
+// moe_ops.h — C launchers of the CUDA twins of the Triton kernels (kernels/permute.py, combine.py, counts.py,
+// topk_softmax.py), called by the torch binding (torch_binding.cpp) and by the CPU emulator's tests (emu/).
 //
 // Raw device pointers, sizes, a dtype code and a cudaStream_t; no torch headers. Every entry point launches on
 // `stream`, does not synchronize, and returns a cudaError_t as int (0 = cudaSuccess; cudaErrorInvalidValue for a
 // bad dtype code, negative size or missing required pointer; otherwise the launch error). Zero-sized work
 // returns 0 without launching. All tensors are dense row-major (contiguous); indices are int64 and must be in
-// range (the library does not check them: the caller validates on the host in debug mode).
+// range (not checked here: moe_routing/ops/cuda_ext.py checks them on the host with MOE_ROUTING_DEBUG=1).
 //
 // Data dtype codes (x, h, out, y, dy, d_h share it):  0 = float32, 1 = float16, 2 = bfloat16, 3 = float64.
 // Weights (weight, d_weight) are float32 for float32/float16/bfloat16 data and float64 for float64 data.

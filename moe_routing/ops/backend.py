@@ -37,9 +37,9 @@ def cuda_unavailable_reason(device: torch.device) -> Optional[str]:
     """Why the CUDA extension backend cannot run on ``device`` (None when it can)."""
     if device.type != "cuda":
         return f"it needs CUDA tensors, got device {device}"
-    from . import cuda_lib
+    from . import cuda_ext
 
-    ok, reason = cuda_lib.is_available()
+    ok, reason = cuda_ext.is_available()
     return None if ok else reason
 
 

@@ -20,9 +20,9 @@ def _combine(h_ND: Tensor, weight_N: Tensor, row_of_pair_N: Tensor, token_N: Ten
         token_offsets_T1 = csr_offsets(token_N, num_tokens, top_k)
         bound = top_k or max_pairs or None  # None: the kernel finds the max itself (a host sync)
         if backend == "cuda":
-            from . import cuda_lib
+            from . import cuda_ext
 
-            return cuda_lib.combine(h_ND, weight_N, row_of_pair_N, token_offsets_T1, max_pairs=bound)
+            return cuda_ext.combine(h_ND, weight_N, row_of_pair_N, token_offsets_T1, max_pairs=bound)
         from .._kernels import combine as kernel
 
         return kernel.combine(h_ND, weight_N, row_of_pair_N, token_offsets_T1, max_pairs=bound)
@@ -50,9 +50,9 @@ def _combine_backward(grad_TD: Tensor, h_ND: Tensor, weight_N: Tensor, row_of_pa
     """(d_h_ND, d_weight_N); an unneeded one comes back as an empty tensor."""
     if backend in ("triton", "cuda"):
         if backend == "cuda":
-            from . import cuda_lib
+            from . import cuda_ext
 
-            d_h, d_w = cuda_lib.combine_backward(grad_TD, h_ND, weight_N, row_of_pair_N, token_N)
+            d_h, d_w = cuda_ext.combine_backward(grad_TD, h_ND, weight_N, row_of_pair_N, token_N)
         else:
             from .._kernels import combine as kernel
 

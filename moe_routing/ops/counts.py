@@ -37,9 +37,9 @@ def sort_by_expert(expert_N: Tensor, num_experts: int, backend: str = "torch") -
 
         return kernel.sort_by_expert(expert_N, num_experts)
     if resolved == "cuda":
-        from . import cuda_lib
+        from . import cuda_ext
 
-        return cuda_lib.sort_by_expert(expert_N, num_experts)
+        return cuda_ext.sort_by_expert(expert_N, num_experts)
     pair_of_row_N = torch.sort(expert_N, stable=True).indices
     counts_E = expert_counts(expert_N, num_experts)
     offsets_E1 = torch.nn.functional.pad(torch.cumsum(counts_E, 0), (1, 0))

@@ -26,9 +26,9 @@ def _permute(x_TD: Tensor, src_token_N: Tensor, backend: str, top_k: int = 0, ma
 
         return kernel.permute(x_TD, src_token_N)
     if backend == "cuda":
-        from . import cuda_lib
+        from . import cuda_ext
 
-        return cuda_lib.permute(x_TD, src_token_N)
+        return cuda_ext.permute(x_TD, src_token_N)
     return x_TD.index_select(0, src_token_N)
 
 
@@ -46,9 +46,9 @@ def _permute_backward(grad_ND: Tensor, src_token_N: Tensor, num_tokens: int, bac
         offsets = csr_offsets(tokens_sorted, num_tokens, top_k)
         bound = top_k or max_pairs or None  # None: the kernel finds the max itself (a host sync)
         if backend == "cuda":
-            from . import cuda_lib
+            from . import cuda_ext
 
-            return cuda_lib.combine(grad_ND, None, rows_by_token, offsets, max_pairs=bound)
+            return cuda_ext.combine(grad_ND, None, rows_by_token, offsets, max_pairs=bound)
         from .._kernels import combine as kernel
 
         return kernel.combine(grad_ND, None, rows_by_token, offsets, max_pairs=bound)

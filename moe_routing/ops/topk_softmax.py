@@ -56,9 +56,9 @@ def _topk_softmax(logits_TE: Tensor, k: int, softmax_before_topk: bool, normaliz
 
         return kernel.topk_softmax(logits_TE, k, softmax_before_topk, normalize)
     if backend == "cuda":
-        from . import cuda_lib
+        from . import cuda_ext
 
-        return cuda_lib.topk_softmax(logits_TE, k, softmax_before_topk, normalize)
+        return cuda_ext.topk_softmax(logits_TE, k, softmax_before_topk, normalize)
     return _reference(logits_TE, k, softmax_before_topk, normalize)
 
 
