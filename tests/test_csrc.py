@@ -98,6 +98,7 @@ def test_cuda_backend_unavailable_says_why_and_how_to_build(monkeypatch):
     monkeypatch.setattr(cuda_ext, "ops_registered", lambda: False)
     monkeypatch.setattr(cuda_ext, "extension_path", lambda: None)
     monkeypatch.setattr(cuda_ext, "_loaded", False)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only torch
     ok, reason = cuda_ext.is_available()
     assert ok is False and "torch built with CUDA" in reason and "MOE_ROUTING_BUILD_CUDA=1" in reason
     # a CUDA torch on a GPU machine without the built extension: the reason is the missing build
