@@ -25,7 +25,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_routing.ops import combine, inverse_order, permute, sort_by_expert  # noqa: E402
+from moe_routing.ops import combine, invert_permutation, permute, sort_by_expert  # noqa: E402
 from moe_routing.ops.combine import _combine_backward  # noqa: E402
 from moe_routing.ops.topk_softmax import topk_softmax  # noqa: E402
 from _machine import cpu_count, cpu_model  # noqa: E402
@@ -44,11 +44,11 @@ def _inputs(T, D, E, K):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     experts_TK = torch.rand(T, E, device=DEVICE, generator=gen).topk(K, dim=-1).indices
     token_N = torch.arange(T, device=DEVICE).repeat_interleave(K)
-    order_N, _, _ = sort_by_expert(experts_TK.reshape(-1), E)
+    pair_of_row_N, _, _ = sort_by_expert(experts_TK.reshape(-1), E)
     x = torch.randn(T, D, device=DEVICE, dtype=DTYPE, generator=gen)
     h = torch.randn(T * K, D, device=DEVICE, dtype=DTYPE, generator=gen)
     w = torch.rand(T * K, device=DEVICE, generator=gen)
-    return x, h, w, token_N, order_N, inverse_order(order_N)
+    return x, h, w, token_N, pair_of_row_N, invert_permutation(pair_of_row_N)
 
 
 def _copy_seconds(nbytes: int, benchmark_like) -> float:
@@ -66,16 +66,16 @@ def _time(fn, rounds=5) -> float:
 @pytest.mark.parametrize("op", ["permute", "combine", "combine_bwd"])
 @pytest.mark.parametrize("T,D,E,K", SHAPES)
 def test_dispatch_op(benchmark, op, T, D, E, K, backend):
-    x, h, w, token_N, order_N, row_N = _inputs(T, D, E, K)
+    x, h, w, token_N, pair_of_row_N, row_of_pair_N = _inputs(T, D, E, K)
     item = x.element_size()
     if op == "permute":
-        rows_N = token_N[order_N]
-        fn, nbytes = (lambda: permute(x, rows_N, backend)), 2 * T * K * D * item
+        src_token_N = token_N[pair_of_row_N]
+        fn, nbytes = (lambda: permute(x, src_token_N, backend)), 2 * T * K * D * item
     elif op == "combine":
-        fn, nbytes = (lambda: combine(h, w, row_N, token_N, T, K, backend)), (T * K + T) * D * item
+        fn, nbytes = (lambda: combine(h, w, row_of_pair_N, token_N, T, K, backend)), (T * K + T) * D * item
     else:
         dy = torch.randn(T, D, device=DEVICE, dtype=DTYPE)
-        fn, nbytes = (lambda: _combine_backward(dy, h, w, row_N, token_N, backend)), 3 * T * K * D * item
+        fn, nbytes = (lambda: _combine_backward(dy, h, w, row_of_pair_N, token_N, backend)), 3 * T * K * D * item
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     copy_s = _copy_seconds(nbytes // 2, _time)  # a copy of nbytes/2 moves nbytes (read + write)
@@ -106,13 +106,13 @@ def _router_fns(T: int, E: int, K: int, backend: str) -> dict:
 
 def _dispatch_fns(T: int, D: int, E: int, K: int, backend: str) -> dict:
     """name -> (fn, bytes the op must move)."""
-    x, h, w, token_N, order_N, row_N = _inputs(T, D, E, K)
+    x, h, w, token_N, pair_of_row_N, row_of_pair_N = _inputs(T, D, E, K)
     dy = torch.randn(T, D, device=DEVICE, dtype=DTYPE)
-    rows_N = token_N[order_N]
+    src_token_N = token_N[pair_of_row_N]
     item = x.element_size()
-    return {"permute": (lambda: permute(x, rows_N, backend), 2 * T * K * D * item),
-            "combine": (lambda: combine(h, w, row_N, token_N, T, K, backend), (T * K + T) * D * item),
-            "combine_bwd": (lambda: _combine_backward(dy, h, w, row_N, token_N, backend), 3 * T * K * D * item)}
+    return {"permute": (lambda: permute(x, src_token_N, backend), 2 * T * K * D * item),
+            "combine": (lambda: combine(h, w, row_of_pair_N, token_N, T, K, backend), (T * K + T) * D * item),
+            "combine_bwd": (lambda: _combine_backward(dy, h, w, row_of_pair_N, token_N, backend), 3 * T * K * D * item)}
 
 
 def _interleaved(fns: dict, rounds: int) -> dict:

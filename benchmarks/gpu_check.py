@@ -1,23 +1,26 @@
 """One script for a GPU machine: check every dispatch backend against torch, then time it.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py [--out DIR]          # on a CUDA machine, <= 4 minutes
-    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke         # same code paths, tiny sizes, on CPU
+    PYTHONPATH=. python benchmarks/gpu_check.py [--out DIR] [--build]   # on a CUDA machine, <= 4 minutes
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke            # same code paths, tiny sizes, on CPU
 
 Order: copy-bandwidth ceiling and `torch._grouped_mm` rate first, then per shape: correctness of the Triton
 permute / combine / combine-backward against the torch backend on fresh random inputs (raises on mismatch),
 then median timings (`triton.testing.do_bench` on GPU), GB/s, % of copy bandwidth and ratio vs torch; then the
 router ops (expert sort/counts and the fused top-k + softmax) per (T, E, K); last the full MoE layer fwd+bwd
-(E=64, k=8, d=4096, ffn=1024) with backend="triton" vs "torch". The CUDA C++ twins (csrc/, built lazily with nvcc)
-are checked and timed in the same rows when `cuda_lib.is_available()`; otherwise the JSON says why not
-(``cuda.reason``) and the run goes on. JSON is rewritten after every step, so a run cut short still leaves its
-results. Needs only torch + triton (no installs).
+(E=64, k=8, d=4096, ffn=1024) with backend="triton" vs "torch". The CUDA extension's kernels (csrc/, the
+extension moe_routing._C) are checked and timed in the same rows when `cuda_ext.is_available()`; ``--build``
+first builds the extension when it is missing (``MOE_ROUTING_BUILD_CUDA=1 pip install -e . --no-build-isolation
+--no-deps`` for the GPU's arch; needs nvcc). Otherwise the JSON says why not (``cuda.reason``) and the run goes
+on. JSON is rewritten after every step, so a run cut short still leaves its results. Needs torch + triton.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_routing as mr  # noqa: E402
-from moe_routing.ops import combine, inverse_order, permute, sort_by_expert  # noqa: E402
-from moe_routing.ops import cuda_lib  # noqa: E402
+from moe_routing.ops import combine, invert_permutation, permute, sort_by_expert  # noqa: E402
+from moe_routing.ops import cuda_ext, grouped_mm_available  # noqa: E402
 from moe_routing.ops.combine import _combine_backward  # noqa: E402
 from moe_routing.ops.topk_softmax import topk_softmax  # noqa: E402
 
@@ -50,8 +53,8 @@ def bench(fn, device: torch.device, reps: int) -> float:
 def routed_pairs(T: int, E: int, K: int, device):
     experts_TK = torch.rand(T, E, device=device).topk(K, dim=-1).indices
     token_N = torch.arange(T, device=device).repeat_interleave(K)
-    order_N, _, _ = sort_by_expert(experts_TK.reshape(-1), E)
-    return token_N, order_N, inverse_order(order_N)
+    pair_of_row_N, _, _ = sort_by_expert(experts_TK.reshape(-1), E)
+    return token_N, pair_of_row_N, invert_permutation(pair_of_row_N)
 
 
 def check_close(name: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> None:
@@ -78,7 +81,7 @@ def router_rows(T: int, E: int, K: int, device, reps: int, cuda_ok: bool) -> lis
     ops = {
         "sort_by_expert": {"torch": lambda: sort_by_expert(expert_N, E, "torch"),
                            "triton": lambda: sort_by_expert(expert_N, E, "triton"),
-                           "cuda": lambda: cuda_lib.sort_by_expert(expert_N, E)},
+                           "cuda": lambda: sort_by_expert(expert_N, E, "cuda")},
         "topk_softmax": {b: (lambda b=b: topk_softmax(logits, K, b)) for b in ("torch", "triton", "cuda")},
     }
     rows = []
@@ -101,17 +104,17 @@ def router_rows(T: int, E: int, K: int, device, reps: int, cuda_ok: bool) -> lis
 
 
 def op_rows(T: int, D: int, E: int, K: int, dtype, device, reps: int, cuda_ok: bool = False) -> list[dict]:
-    token_N, order_N, row_N = routed_pairs(T, E, K, device)
+    token_N, pair_of_row_N, row_of_pair_N = routed_pairs(T, E, K, device)
     x = torch.randn(T, D, dtype=dtype, device=device)
     h = torch.randn(T * K, D, dtype=dtype, device=device)
     w = torch.rand(T * K, dtype=torch.float32, device=device)
     dy = torch.randn(T, D, dtype=dtype, device=device)
-    rows_N = token_N[order_N]
+    src_token_N = token_N[pair_of_row_N]
     tol = dict(rtol=1e-6, atol=1e-5 * K) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2 * K)
     ops = {
-        "permute": (lambda b: permute(x, rows_N, b), 2 * T * K * D),
-        "combine": (lambda b: combine(h, w, row_N, token_N, T, K, b), (T * K + T) * D),
-        "combine_bwd": (lambda b: _combine_backward(dy, h, w, row_N, token_N, b), (T * K * 3) * D),
+        "permute": (lambda b: permute(x, src_token_N, b), 2 * T * K * D),
+        "combine": (lambda b: combine(h, w, row_of_pair_N, token_N, T, K, b), (T * K + T) * D),
+        "combine_bwd": (lambda b: _combine_backward(dy, h, w, row_of_pair_N, token_N, b), (T * K * 3) * D),
     }
     rows = []
     backends = ["triton"] + (["cuda"] if cuda_ok else [])
@@ -138,10 +141,22 @@ def op_rows(T: int, D: int, E: int, K: int, dtype, device, reps: int, cuda_ok: b
     return rows
 
 
+def build_extension(device: torch.device) -> str:
+    """Build the CUDA extension for this GPU's arch in place (editable install); returns the build's last lines."""
+    major, minor = torch.cuda.get_device_capability(device)
+    env = {**os.environ, "MOE_ROUTING_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}"}
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(root)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    importlib.invalidate_caches()  # the new moe_routing/_C*.so must be found by this process
+    return f"pip exit {proc.returncode}: " + (proc.stdout + proc.stderr).strip()[-1500:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    parser.add_argument("--build", action="store_true", help="build the CUDA extension first if it is missing")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -168,13 +183,20 @@ def main() -> None:
     xg = torch.randn(Eg * rows_g, Dg, dtype=gdt, device=device)
     wg = torch.randn(Eg, Dg, Fg, dtype=gdt, device=device)
     offs = (torch.arange(1, Eg + 1, device=device) * rows_g).to(torch.int32)
-    t = bench(lambda: torch._grouped_mm(xg, wg, offs=offs), device, reps)
-    report["grouped_mm_TFLOPs"] = 2 * Eg * rows_g * Dg * Fg / t / 1e12
-    cuda_ok, why = cuda_lib.is_available() if device.type == "cuda" else (False, "no CUDA device (smoke run)")
-    report["cuda"] = {"available": cuda_ok, "reason": why}
+    if grouped_mm_available(device):
+        t = bench(lambda: torch._grouped_mm(xg, wg, offs=offs), device, reps)
+        report["grouped_mm_TFLOPs"] = 2 * Eg * rows_g * Dg * Fg / t / 1e12
+    else:
+        report["grouped_mm_TFLOPs"] = float("nan")  # this torch has no _grouped_mm for the device
+    build_log = None
+    if args.build and device.type == "cuda" and cuda_ext.extension_path() is None:
+        build_log = build_extension(device)
+        print(build_log)
+    cuda_ok, why = cuda_ext.is_available() if device.type == "cuda" else (False, "no CUDA device (smoke run)")
+    report["cuda"] = {"available": cuda_ok, "reason": why, "build": build_log}
     save()
     print(f"{name}: copy {report['copy_GBps']:.0f} GB/s, _grouped_mm {report['grouped_mm_TFLOPs']:.1f} TFLOP/s; "
-          f"cuda twins: {'checked' if cuda_ok else 'skipped'} ({why})")
+          f"cuda extension: {'checked' if cuda_ok else 'skipped'} ({why})")
 
     shapes = [(64, 32, 8, 2), (33, 70, 256, 8)] if args.smoke else \
         [(T, D, E, K) for T in (4096, 16384, 65536) for D in (1024, 4096) for E, K in ((8, 2), (64, 8), (256, 8))]

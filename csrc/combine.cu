@@ -6,6 +6,7 @@
 //   forward:  block = [threads over D] x [tokens per block]; each (token, feature pack) is owned by one thread
 //             that sums the token's pairs in CSR order -> no atomics, deterministic.
 //   backward: one block per pair (grid-stride): d_h row = w * dy row, d_w = block-reduced dot(dy row, h row).
+// row_of_pair[p] is the expert-sorted row (of h / d_h) that holds pair p.
 // Compiled, not yet run: see csrc/README.md.
 #include "acc_types.cuh"
 #include "moe_ops.h"
@@ -51,7 +52,7 @@ __device__ __forceinline__ void store_pack(T* p, const acc_t<T> (&in)[VEC]) {
 // W is the weight type (float, or double for double data); weight may be null (weight 1).
 template <typename T, typename W, int VEC>
 __global__ void combine_fwd_kernel(const T* __restrict__ h, const W* __restrict__ weight,
-                                   const int64_t* __restrict__ row, const int64_t* __restrict__ offsets,
+                                   const int64_t* __restrict__ row_of_pair, const int64_t* __restrict__ offsets,
                                    T* __restrict__ y, int64_t T_, int64_t D) {
   using A = acc_t<T>;
   const int64_t packs = D / VEC;
@@ -66,7 +67,7 @@ __global__ void combine_fwd_kernel(const T* __restrict__ h, const W* __restrict_
       for (int64_t p = start; p < end; ++p) {  // fixed order: deterministic
         const A w = weight == nullptr ? A(1) : A(weight[p]);
         A v[VEC];
-        load_pack<T, VEC>(h + row[p] * D + i * VEC, v);
+        load_pack<T, VEC>(h + row_of_pair[p] * D + i * VEC, v);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) acc[j] += w * v[j];
       }
@@ -100,13 +101,13 @@ __device__ __forceinline__ A block_sum(A v, A* smem /* [32] */) {
 
 template <typename T, typename W, int VEC>
 __global__ void combine_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ weight,
-                                   const int64_t* __restrict__ row, const int64_t* __restrict__ token,
+                                   const int64_t* __restrict__ row_of_pair, const int64_t* __restrict__ token,
                                    T* __restrict__ d_h, W* __restrict__ d_weight, int64_t N, int64_t D) {
   using A = acc_t<T>;
   __shared__ A smem[32];
   const int64_t packs = D / VEC;
   for (int64_t p = blockIdx.x; p < N; p += gridDim.x) {  // uniform per block: safe around __syncthreads
-    const int64_t r = row[p];
+    const int64_t r = row_of_pair[p];
     const int64_t t = token[p];
     const A w = weight == nullptr ? A(1) : A(weight[p]);
     A dot = A(0);
@@ -153,75 +154,76 @@ int threads_along(int64_t packs, int max_threads) {
 }
 
 template <typename T, typename W, int VEC>
-cudaError_t launch_fwd_vec(const void* h, const void* weight, const int64_t* row, const int64_t* offsets, void* y,
-                           int64_t T_, int64_t D, cudaStream_t stream) {
+cudaError_t launch_fwd_vec(const void* h, const void* weight, const int64_t* row_of_pair, const int64_t* offsets,
+                           void* y, int64_t T_, int64_t D, cudaStream_t stream) {
   const int tx = threads_along(D / VEC, kThreads);
   const int ty = kThreads / tx;
   int64_t blocks = (T_ + ty - 1) / ty;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
   combine_fwd_kernel<T, W, VEC><<<dim3(unsigned(blocks)), dim3(tx, ty), 0, stream>>>(
-      static_cast<const T*>(h), static_cast<const W*>(weight), row, offsets, static_cast<T*>(y), T_, D);
+      static_cast<const T*>(h), static_cast<const W*>(weight), row_of_pair, offsets, static_cast<T*>(y), T_, D);
   return cudaGetLastError();
 }
 
 template <typename T, typename W>
-cudaError_t launch_fwd(const void* h, const void* weight, const int64_t* row, const int64_t* offsets, void* y,
+cudaError_t launch_fwd(const void* h, const void* weight, const int64_t* row_of_pair, const int64_t* offsets, void* y,
                        int64_t T_, int64_t D, cudaStream_t stream) {
   const int vec = pick_vec<T>(D, h, y, nullptr);
   if constexpr (16 / sizeof(T) >= 8) {
-    if (vec == 8) return launch_fwd_vec<T, W, 8>(h, weight, row, offsets, y, T_, D, stream);
+    if (vec == 8) return launch_fwd_vec<T, W, 8>(h, weight, row_of_pair, offsets, y, T_, D, stream);
   }
   if constexpr (16 / sizeof(T) >= 4) {
-    if (vec == 4) return launch_fwd_vec<T, W, 4>(h, weight, row, offsets, y, T_, D, stream);
+    if (vec == 4) return launch_fwd_vec<T, W, 4>(h, weight, row_of_pair, offsets, y, T_, D, stream);
   }
-  if (vec == 2) return launch_fwd_vec<T, W, 2>(h, weight, row, offsets, y, T_, D, stream);
-  return launch_fwd_vec<T, W, 1>(h, weight, row, offsets, y, T_, D, stream);
+  if (vec == 2) return launch_fwd_vec<T, W, 2>(h, weight, row_of_pair, offsets, y, T_, D, stream);
+  return launch_fwd_vec<T, W, 1>(h, weight, row_of_pair, offsets, y, T_, D, stream);
 }
 
 template <typename T, typename W, int VEC>
-cudaError_t launch_bwd_vec(const void* dy, const void* h, const void* weight, const int64_t* row,
+cudaError_t launch_bwd_vec(const void* dy, const void* h, const void* weight, const int64_t* row_of_pair,
                            const int64_t* token, void* d_h, void* d_weight, int64_t N, int64_t D,
                            cudaStream_t stream) {
   const int tx = threads_along(D / VEC, kThreads);
   const int64_t blocks = N < kMaxBlocks ? N : kMaxBlocks;
   combine_bwd_kernel<T, W, VEC><<<dim3(unsigned(blocks)), dim3(tx), 0, stream>>>(
-      static_cast<const T*>(dy), static_cast<const T*>(h), static_cast<const W*>(weight), row, token,
+      static_cast<const T*>(dy), static_cast<const T*>(h), static_cast<const W*>(weight), row_of_pair, token,
       static_cast<T*>(d_h), static_cast<W*>(d_weight), N, D);
   return cudaGetLastError();
 }
 
 template <typename T, typename W>
-cudaError_t launch_bwd(const void* dy, const void* h, const void* weight, const int64_t* row, const int64_t* token,
-                       void* d_h, void* d_weight, int64_t N, int64_t D, cudaStream_t stream) {
+cudaError_t launch_bwd(const void* dy, const void* h, const void* weight, const int64_t* row_of_pair,
+                       const int64_t* token, void* d_h, void* d_weight, int64_t N, int64_t D, cudaStream_t stream) {
   const int vec = pick_vec<T>(D, dy, d_weight != nullptr ? h : nullptr, d_h);
   if constexpr (16 / sizeof(T) >= 8) {
-    if (vec == 8) return launch_bwd_vec<T, W, 8>(dy, h, weight, row, token, d_h, d_weight, N, D, stream);
+    if (vec == 8) return launch_bwd_vec<T, W, 8>(dy, h, weight, row_of_pair, token, d_h, d_weight, N, D, stream);
   }
   if constexpr (16 / sizeof(T) >= 4) {
-    if (vec == 4) return launch_bwd_vec<T, W, 4>(dy, h, weight, row, token, d_h, d_weight, N, D, stream);
+    if (vec == 4) return launch_bwd_vec<T, W, 4>(dy, h, weight, row_of_pair, token, d_h, d_weight, N, D, stream);
   }
-  if (vec == 2) return launch_bwd_vec<T, W, 2>(dy, h, weight, row, token, d_h, d_weight, N, D, stream);
-  return launch_bwd_vec<T, W, 1>(dy, h, weight, row, token, d_h, d_weight, N, D, stream);
+  if (vec == 2) return launch_bwd_vec<T, W, 2>(dy, h, weight, row_of_pair, token, d_h, d_weight, N, D, stream);
+  return launch_bwd_vec<T, W, 1>(dy, h, weight, row_of_pair, token, d_h, d_weight, N, D, stream);
 }
 
 }  // namespace
 
-extern "C" int moe_combine_fwd(const void* h, const void* weight, const int64_t* row, const int64_t* token_offsets,
-                               void* y, int64_t T, int64_t D, int dtype, cudaStream_t stream) {
+extern "C" int moe_combine_fwd(const void* h, const void* weight, const int64_t* row_of_pair,
+                               const int64_t* token_offsets, void* y, int64_t T, int64_t D, int dtype,
+                               cudaStream_t stream) {
   if (T < 0 || D < 0 || dtype < MOE_FP32 || dtype > MOE_FP64) return int(cudaErrorInvalidValue);
   if (T == 0 || D == 0) return int(cudaSuccess);
   if (y == nullptr || token_offsets == nullptr) return int(cudaErrorInvalidValue);
-  // h and row may be null only when no token has pairs; the kernel never reads them then.
+  // h and row_of_pair may be null only when no token has pairs; the kernel never reads them then.
   switch (dtype) {
-    case MOE_FP32: return int(launch_fwd<float, float>(h, weight, row, token_offsets, y, T, D, stream));
-    case MOE_FP16: return int(launch_fwd<__half, float>(h, weight, row, token_offsets, y, T, D, stream));
-    case MOE_BF16: return int(launch_fwd<__nv_bfloat16, float>(h, weight, row, token_offsets, y, T, D, stream));
-    case MOE_FP64: return int(launch_fwd<double, double>(h, weight, row, token_offsets, y, T, D, stream));
+    case MOE_FP32: return int(launch_fwd<float, float>(h, weight, row_of_pair, token_offsets, y, T, D, stream));
+    case MOE_FP16: return int(launch_fwd<__half, float>(h, weight, row_of_pair, token_offsets, y, T, D, stream));
+    case MOE_BF16: return int(launch_fwd<__nv_bfloat16, float>(h, weight, row_of_pair, token_offsets, y, T, D, stream));
+    case MOE_FP64: return int(launch_fwd<double, double>(h, weight, row_of_pair, token_offsets, y, T, D, stream));
     default: return int(cudaErrorInvalidValue);
   }
 }
 
-extern "C" int moe_combine_bwd(const void* dy, const void* h, const void* weight, const int64_t* row,
+extern "C" int moe_combine_bwd(const void* dy, const void* h, const void* weight, const int64_t* row_of_pair,
                                const int64_t* token, void* d_h, void* d_weight, int64_t N, int64_t D, int dtype,
                                cudaStream_t stream) {
   if (N < 0 || D < 0 || dtype < MOE_FP32 || dtype > MOE_FP64) return int(cudaErrorInvalidValue);
@@ -231,14 +233,15 @@ extern "C" int moe_combine_bwd(const void* dy, const void* h, const void* weight
     const size_t wbytes = dtype == MOE_FP64 ? sizeof(double) : sizeof(float);
     return int(cudaMemsetAsync(d_weight, 0, size_t(N) * wbytes, stream));
   }
-  if (dy == nullptr || d_h == nullptr || row == nullptr || token == nullptr || (d_weight != nullptr && h == nullptr))
+  if (dy == nullptr || d_h == nullptr || row_of_pair == nullptr || token == nullptr ||
+      (d_weight != nullptr && h == nullptr))
     return int(cudaErrorInvalidValue);
+  const int64_t* rop = row_of_pair;
   switch (dtype) {
-    case MOE_FP32: return int(launch_bwd<float, float>(dy, h, weight, row, token, d_h, d_weight, N, D, stream));
-    case MOE_FP16: return int(launch_bwd<__half, float>(dy, h, weight, row, token, d_h, d_weight, N, D, stream));
-    case MOE_BF16:
-      return int(launch_bwd<__nv_bfloat16, float>(dy, h, weight, row, token, d_h, d_weight, N, D, stream));
-    case MOE_FP64: return int(launch_bwd<double, double>(dy, h, weight, row, token, d_h, d_weight, N, D, stream));
+    case MOE_FP32: return int(launch_bwd<float, float>(dy, h, weight, rop, token, d_h, d_weight, N, D, stream));
+    case MOE_FP16: return int(launch_bwd<__half, float>(dy, h, weight, rop, token, d_h, d_weight, N, D, stream));
+    case MOE_BF16: return int(launch_bwd<__nv_bfloat16, float>(dy, h, weight, rop, token, d_h, d_weight, N, D, stream));
+    case MOE_FP64: return int(launch_bwd<double, double>(dy, h, weight, rop, token, d_h, d_weight, N, D, stream));
     default: return int(cudaErrorInvalidValue);
   }
 }

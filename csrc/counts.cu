@@ -7,7 +7,7 @@
 //   2. column_scan: one thread per expert turns its histogram column into each block's base within the expert
 //                   (exclusive scan over blocks) and writes the expert's count.
 //   3. offsets:     exclusive scan of the counts (one thread: E is small, and a serial sum is exact and simple).
-//   4. scatter:     order[offsets[e] + base[block][e] + rank] = pair; ties keep pair order (a stable sort).
+//   4. scatter:     pair_of_row[offsets[e] + base[block][e] + rank] = pair; ties keep pair order (a stable sort).
 // Pairs whose expert is outside [0, E) are skipped (never read out of bounds); the caller validates ids.
 // Compiled and emulator-checked, not yet run on a GPU: see csrc/README.md.
 #include "moe_ops.h"
@@ -70,13 +70,13 @@ __global__ void offsets_kernel(const int64_t* __restrict__ counts, int64_t E, in
 
 __global__ void scatter_kernel(const int64_t* __restrict__ expert, int64_t N, int64_t E,
                                const int64_t* __restrict__ partial, const int32_t* __restrict__ rank,
-                               const int64_t* __restrict__ offsets, int64_t* __restrict__ order) {
+                               const int64_t* __restrict__ offsets, int64_t* __restrict__ pair_of_row) {
   const int64_t b = blockIdx.x;
   const int64_t n = b * kBlockN + threadIdx.x;
   if (n >= N) return;
   const int64_t e = expert[n];
   if (e < 0 || e >= E) return;
-  order[offsets[e] + partial[b * E + e] + rank[n]] = n;
+  pair_of_row[offsets[e] + partial[b * E + e] + rank[n]] = n;
 }
 
 }  // namespace
@@ -88,14 +88,14 @@ extern "C" int64_t moe_expert_counts_workspace(int64_t N, int64_t E) {
 }
 
 extern "C" int moe_expert_counts(const int64_t* expert, int64_t N, int64_t E, int64_t* counts, int64_t* offsets,
-                                 int64_t* order, void* workspace, cudaStream_t stream) {
+                                 int64_t* pair_of_row, void* workspace, cudaStream_t stream) {
   if (N < 0 || E < 1 || counts == nullptr || offsets == nullptr) return int(cudaErrorInvalidValue);
   if (N == 0) {  // no pairs: zero counts and offsets without a launch
     cudaError_t err = cudaMemsetAsync(counts, 0, size_t(E) * sizeof(int64_t), stream);
     if (err == cudaSuccess) err = cudaMemsetAsync(offsets, 0, size_t(E + 1) * sizeof(int64_t), stream);
     return int(err);
   }
-  if (expert == nullptr || order == nullptr || workspace == nullptr) return int(cudaErrorInvalidValue);
+  if (expert == nullptr || pair_of_row == nullptr || workspace == nullptr) return int(cudaErrorInvalidValue);
   const int64_t B = blocks_for(N);
   if (B > 0x7fffffff) return int(cudaErrorInvalidValue);  // grid.x limit (N > 5e11 pairs)
   int64_t* partial = static_cast<int64_t*>(workspace);
@@ -109,6 +109,6 @@ extern "C" int moe_expert_counts(const int64_t* expert, int64_t N, int64_t E, in
   if ((err = cudaGetLastError()) != cudaSuccess) return int(err);
   offsets_kernel<<<dim3(1), dim3(1), 0, stream>>>(counts, E, offsets);
   if ((err = cudaGetLastError()) != cudaSuccess) return int(err);
-  scatter_kernel<<<dim3(unsigned(B)), dim3(kBlockN), 0, stream>>>(expert, N, E, partial, rank, offsets, order);
+  scatter_kernel<<<dim3(unsigned(B)), dim3(kBlockN), 0, stream>>>(expert, N, E, partial, rank, offsets, pair_of_row);
   return int(cudaGetLastError());
 }

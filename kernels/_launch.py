@@ -1,14 +1,25 @@
-"""Launch helpers shared by the kernels: accumulate dtype, interpreter detection, host-side index checks."""
+"""Launch helpers shared by the kernels: accumulate dtype, interpreter detection, host-side checks."""
 from __future__ import annotations
-
-import os
 
 import torch
 import triton.language as tl
 
+from .. import settings
+
+# Triton decides at import (when the kernels are decorated) whether they run in its CPU interpreter, so the
+# switch is read once, here, with them.
+INTERPRETING = settings.triton_interpret()
+
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return INTERPRETING
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """Raise unless the kernels can read ``t``: a CUDA tensor, or any tensor under the CPU interpreter."""
+    if not t.is_cuda and not INTERPRETING:
+        raise ValueError(f"{name} must be a CUDA tensor for the triton backend, got device {t.device} (on CPU, "
+                         "use backend='torch', or TRITON_INTERPRET=1 set before moe_routing is imported)")
 
 
 def acc_dtype(*dtypes: torch.dtype):
@@ -18,13 +29,14 @@ def acc_dtype(*dtypes: torch.dtype):
 
 def _check_values(t: torch.Tensor) -> bool:
     """Value checks sync with the device: always on CPU (interpreter), on GPUs only with MOE_ROUTING_DEBUG=1."""
-    return not t.is_cuda or os.environ.get("MOE_ROUTING_DEBUG") == "1"
+    return not t.is_cuda or settings.debug_checks()
 
 
 def check_index(name: str, idx: torch.Tensor, upper: int, length: int | None = None) -> None:
     """Raise before launch if ``idx`` is not a 1-D int32/int64 tensor (of ``length`` entries when given) or
     has values outside [0, upper): an out-of-range read under the interpreter crashes the process and on a GPU
     reads garbage. The shape check is free; the value check syncs, so on GPUs it runs only in debug mode."""
+    check_device(name, idx)
     if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be a 1-D int32/int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
     if length is not None and idx.numel() != length:
@@ -39,6 +51,7 @@ def check_index(name: str, idx: torch.Tensor, upper: int, length: int | None = N
 def check_offsets(name: str, offsets: torch.Tensor, total: int) -> None:
     """Raise unless ``offsets`` [T+1] (int32/int64) is non-decreasing within [0, total]: the CSR ranges
     ``offsets[t] .. offsets[t+1]-1`` then index only valid pairs."""
+    check_device(name, offsets)
     if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be a 1-D int32/int64 tensor of T+1 >= 1 entries, "
                          f"got {offsets.dtype} {tuple(offsets.shape)}")
@@ -51,7 +64,9 @@ def check_offsets(name: str, offsets: torch.Tensor, total: int) -> None:
 
 
 def check_rows(name: str, t: torch.Tensor, cols: int | None = None, rows: int | None = None) -> None:
-    """Raise unless ``t`` is a 2-D floating tensor (with ``rows`` rows / ``cols`` columns when given)."""
+    """Raise unless ``t`` is a 2-D floating tensor (with ``rows`` rows / ``cols`` columns when given) the
+    kernels can read."""
+    check_device(name, t)
     if t.dim() != 2 or not t.dtype.is_floating_point:
         raise ValueError(f"{name} must be a 2-D floating tensor, got {t.dtype} {tuple(t.shape)}")
     if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):

@@ -2,7 +2,8 @@
 
 Forward is token-major and atomic-free: each program owns a block of output tokens and sums that token's
 pairs (CSR ``token_offsets``) in a fixed order, so results are deterministic. With no weights it is permute's
-backward. Backward is pair-major: ``d_h[row[p]] = w[p] * dy[token[p]]``, ``d_w[p] = <dy[token[p]], h[row[p]]>``.
+backward. Backward is pair-major: ``d_h[row_of_pair[p]] = w[p] * dy[token[p]]``,
+``d_w[p] = <dy[token[p]], h[row_of_pair[p]]>`` (``row_of_pair``: the expert-sorted row of pair p).
 Load, convert to the accumulate dtype (a constexpr), compute, store.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _configs(rows: str) -> list:
 # specialised (Triton would otherwise compile separate variants for max_pairs == 1 and multiples of 16).
 @autotune(_configs("BLOCK_T"), key=["D", "HAS_W"])
 @triton.jit(do_not_specialize=["max_pairs"])
-def _combine_kernel(h_ptr, w_ptr, row_ptr, offs_ptr, y_ptr, T, D, max_pairs,
+def _combine_kernel(h_ptr, w_ptr, row_of_pair_ptr, offs_ptr, y_ptr, T, D, max_pairs,
                     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < T
@@ -39,7 +40,7 @@ def _combine_kernel(h_ptr, w_ptr, row_ptr, offs_ptr, y_ptr, T, D, max_pairs,
         for j in range(0, max_pairs):
             p = start + j
             p_mask = t_mask & (p < end)
-            row = tl.load(row_ptr + p, mask=p_mask, other=0).to(tl.int64)
+            row = tl.load(row_of_pair_ptr + p, mask=p_mask, other=0).to(tl.int64)
             h = tl.load(h_ptr + row[:, None] * D + d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0)
             h = h.to(ACC)
             if HAS_W:
@@ -52,11 +53,11 @@ def _combine_kernel(h_ptr, w_ptr, row_ptr, offs_ptr, y_ptr, T, D, max_pairs,
 
 @autotune(_configs("BLOCK_N"), key=["D"])
 @triton.jit
-def _combine_backward_kernel(dy_ptr, h_ptr, w_ptr, row_ptr, tok_ptr, dh_ptr, dw_ptr, N, D,
+def _combine_backward_kernel(dy_ptr, h_ptr, w_ptr, row_of_pair_ptr, tok_ptr, dh_ptr, dw_ptr, N, D,
                              ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     p = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     p_mask = p < N
-    row = tl.load(row_ptr + p, mask=p_mask, other=0).to(tl.int64)
+    row = tl.load(row_of_pair_ptr + p, mask=p_mask, other=0).to(tl.int64)
     tok = tl.load(tok_ptr + p, mask=p_mask, other=0).to(tl.int64)
     w = tl.load(w_ptr + p, mask=p_mask, other=0.0).to(ACC)
     dot = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -70,14 +71,15 @@ def _combine_backward_kernel(dy_ptr, h_ptr, w_ptr, row_ptr, tok_ptr, dh_ptr, dw_
     tl.store(dw_ptr + p, dot.to(dw_ptr.dtype.element_ty), mask=p_mask)
 
 
-def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_N: torch.Tensor,
+def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_of_pair_N: torch.Tensor,
             token_offsets_T1: torch.Tensor, max_pairs: Optional[int] = None,
             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``y[t] = sum_{p in offsets[t]:offsets[t+1]} w[p] * h_ND[row_N[p]]`` (w = 1 when ``weight_N`` is None).
+    """``y[t] = sum_{p in token_offsets_T1[t]:token_offsets_T1[t+1]} w[p] * h_ND[row_of_pair_N[p]]`` (w = 1 when
+    ``weight_N`` is None; ``token_offsets_T1`` [T+1] CSR offsets of each token's pairs).
 
     ``max_pairs``: the most pairs any token has (K for fixed-k); computed (a host sync) when None, and checked
     against ``token_offsets_T1`` wherever indices are validated (CPU, or ``MOE_ROUTING_DEBUG=1`` on GPU).
-    Indices (``row_N``, ``token_offsets_T1``) may be int32 or int64; accumulation is float32 (float64 when
+    Indices (``row_of_pair_N``, ``token_offsets_T1``) may be int32 or int64; accumulation is float32 (float64 when
     ``h_ND`` or ``weight_N`` is float64); the result is ``out_dtype`` (default ``h_ND.dtype``).
     """
     check_rows("h_ND", h_ND)
@@ -87,7 +89,7 @@ def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_N: torch.T
     if weight_N is not None and (weight_N.shape != (N,) or not weight_N.dtype.is_floating_point):
         raise ValueError(f"weight_N must be a floating tensor of shape [{N}] (rows of h_ND), "
                          f"got {weight_N.dtype} {tuple(weight_N.shape)}")
-    check_index("row_N", row_N, N, length=N)
+    check_index("row_of_pair_N", row_of_pair_N, N, length=N)
     check_offsets("token_offsets_T1", token_offsets_T1, N)
     if max_pairs is None or _check_values(token_offsets_T1):
         most = int((token_offsets_T1[1:] - token_offsets_T1[:-1]).max()) if T > 0 else 0
@@ -99,13 +101,13 @@ def combine(h_ND: torch.Tensor, weight_N: Optional[torch.Tensor], row_N: torch.T
         return y
     dtypes = (h_ND.dtype,) if weight_N is None else (h_ND.dtype, weight_N.dtype)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)  # noqa: E731
-    _combine_kernel[grid](h_ND, h_ND if weight_N is None else weight_N.contiguous(), row_N.contiguous(),
+    _combine_kernel[grid](h_ND, h_ND if weight_N is None else weight_N.contiguous(), row_of_pair_N.contiguous(),
                           token_offsets_T1.contiguous(), y, T, D, max_pairs, HAS_W=weight_N is not None,
                           ACC=acc_dtype(*dtypes))
     return y
 
 
-def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.Tensor, row_N: torch.Tensor,
+def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.Tensor, row_of_pair_N: torch.Tensor,
                      token_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `combine` for expert outputs ``h_ND`` [N, D] and gate weights ``weight_N`` [N]."""
     check_rows("h_ND", h_ND)
@@ -114,17 +116,18 @@ def combine_backward(grad_TD: torch.Tensor, h_ND: torch.Tensor, weight_N: torch.
     if weight_N.shape != (N,) or not weight_N.dtype.is_floating_point:
         raise ValueError(f"weight_N must be a floating tensor of shape [{N}] (rows of h_ND), "
                          f"got {weight_N.dtype} {tuple(weight_N.shape)}")
-    check_index("row_N", row_N, N, length=N)
+    check_index("row_of_pair_N", row_of_pair_N, N, length=N)
     check_index("token_N", token_N, grad_TD.shape[0], length=N)
-    if _check_values(row_N) and N > 0 and int(torch.bincount(row_N, minlength=N).max()) > 1:
+    if _check_values(row_of_pair_N) and N > 0 and int(torch.bincount(row_of_pair_N, minlength=N).max()) > 1:
         # d_h rows are written once each: a repeated row would race (GPU) and leave other rows unwritten.
-        raise ValueError("row_N must be a permutation of [0, N) (each expert-sorted row used once)")
+        raise ValueError("row_of_pair_N must be a permutation of [0, N) (each expert-sorted row used once)")
     grad_TD, h_ND = grad_TD.contiguous(), h_ND.contiguous()
     d_h = torch.empty_like(h_ND)
     d_w = torch.empty_like(weight_N)
     if N == 0:
         return d_h, d_w
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _combine_backward_kernel[grid](grad_TD, h_ND, weight_N.contiguous(), row_N.contiguous(), token_N.contiguous(),
-                                   d_h, d_w, N, D, ACC=acc_dtype(h_ND.dtype, weight_N.dtype, grad_TD.dtype))
+    _combine_backward_kernel[grid](grad_TD, h_ND, weight_N.contiguous(), row_of_pair_N.contiguous(),
+                                   token_N.contiguous(), d_h, d_w, N, D,
+                                   ACC=acc_dtype(h_ND.dtype, weight_N.dtype, grad_TD.dtype))
     return d_h, d_w

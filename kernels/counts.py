@@ -28,7 +28,7 @@ def _block_histogram_kernel(expert_ptr, partial_ptr, N, E, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _scatter_order_kernel(expert_ptr, base_ptr, order_ptr, N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+def _scatter_order_kernel(expert_ptr, base_ptr, pair_of_row_ptr, N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -40,27 +40,28 @@ def _scatter_order_kernel(expert_ptr, base_ptr, order_ptr, N, E, BLOCK_N: tl.con
         before = tl.cumsum(onehot, axis=0) - onehot  # same-expert pairs earlier in this block
         rank += tl.sum(before * onehot, axis=1)
     base = tl.load(base_ptr + pid * E + expert, mask=n_mask, other=0)
-    tl.store(order_ptr + base + rank, n.to(tl.int64), mask=n_mask)
+    tl.store(pair_of_row_ptr + base + rank, n.to(tl.int64), mask=n_mask)
 
 
 def sort_by_expert(expert_N: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as `moe_routing.ops.counts.sort_by_expert`: (order_N int64, counts_E int64,
-    offsets_E int32 end offsets)."""
+    """Same contract as `moe_routing.ops.counts.sort_by_expert`: (pair_of_row_N int64, counts_E int64,
+    offsets_E1 int64 [E+1] CSR offsets)."""
     if int(num_experts) != num_experts or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     check_index("expert_N", expert_N, num_experts)
     N, E = expert_N.numel(), num_experts
     expert_N = expert_N.contiguous()
     blocks = triton.cdiv(N, BLOCK_N)
-    order = torch.empty(N, dtype=torch.int64, device=expert_N.device)
+    pair_of_row = torch.empty(N, dtype=torch.int64, device=expert_N.device)
     if N == 0:
         counts = torch.zeros(E, dtype=torch.int64, device=expert_N.device)
-        return order, counts, counts.to(torch.int32)
+        return pair_of_row, counts, torch.zeros(E + 1, dtype=torch.int64, device=expert_N.device)
     block_e = min(256, triton.next_power_of_2(E))
     partial = torch.empty(blocks, E, dtype=torch.int64, device=expert_N.device)
     _block_histogram_kernel[(blocks,)](expert_N, partial, N, E, BLOCK_N=BLOCK_N, BLOCK_E=block_e)
     counts = partial.sum(0)
     ends = torch.cumsum(counts, 0)
     base = (ends - counts)[None, :] + (torch.cumsum(partial, 0) - partial)
-    _scatter_order_kernel[(blocks,)](expert_N, base.contiguous(), order, N, E, BLOCK_N=BLOCK_N, BLOCK_E=block_e)
-    return order, counts, ends.to(torch.int32)
+    _scatter_order_kernel[(blocks,)](expert_N, base.contiguous(), pair_of_row, N, E, BLOCK_N=BLOCK_N,
+                                     BLOCK_E=block_e)
+    return pair_of_row, counts, torch.nn.functional.pad(ends, (1, 0))

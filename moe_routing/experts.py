@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.grouped_mm import IMPLS, grouped_mm
+from .ops.grouped_mm import check_impl, grouped_mm
 from .validation import check_float, check_int
 
 ACTIVATIONS = ("swiglu", "gelu", "relu")
@@ -30,8 +30,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if expert_impl not in IMPLS:
-            raise ValueError(f"expert_impl must be one of {IMPLS}, got {expert_impl!r}")
+        check_impl(expert_impl)
         check_int("num_experts", num_experts, 1)
         check_int("hidden_size", hidden_size, 1)
         check_int("ffn_hidden_size", ffn_hidden_size, 1)
@@ -56,14 +55,14 @@ class GroupedExperts(nn.Module):
             if w is not None:
                 nn.init.normal_(w, std=init_std if init_std is not None else 1.0 / math.sqrt(w.shape[1]))
 
-    def forward(self, x_ND: Tensor, counts_E: Tensor, offsets_E: Tensor) -> Tensor:
-        """``x_ND`` [N, D] rows sorted by expert (``counts_E`` per expert) -> [N, D]."""
-        up = grouped_mm(x_ND, self.w_up, counts_E, offsets_E, self.expert_impl)
+    def forward(self, x_ND: Tensor, counts_E: Tensor, offsets_E1: Tensor) -> Tensor:
+        """``x_ND`` [N, D] rows sorted by expert (``counts_E`` per expert, CSR ``offsets_E1`` [E+1]) -> [N, D]."""
+        up = grouped_mm(x_ND, self.w_up, counts_E, offsets_E1, self.expert_impl)
         if self.activation == "swiglu":
-            h = F.silu(grouped_mm(x_ND, self.w_gate, counts_E, offsets_E, self.expert_impl)) * up
+            h = F.silu(grouped_mm(x_ND, self.w_gate, counts_E, offsets_E1, self.expert_impl)) * up
         else:
             h = _act(self.activation, up)
-        return grouped_mm(h, self.w_down, counts_E, offsets_E, self.expert_impl)
+        return grouped_mm(h, self.w_down, counts_E, offsets_E1, self.expert_impl)
 
 
 class SharedExperts(nn.Module):

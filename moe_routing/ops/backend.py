@@ -1,13 +1,21 @@
-"""Which implementation a dispatch op runs: the choice, and clear errors when one is unavailable."""
+"""Which implementation a dispatch op runs: the choice, and clear errors when one is unavailable.
+
+One knob: `MoELayer` resolves its ``backend`` (or the ``MOE_ROUTING_BACKEND`` override) once per forward with
+`resolve_backend` and passes the concrete name to every op. The ops run a concrete name ("torch", "triton",
+"cuda") as given, with no second resolution and no environment read (`op_backend`); each backend's wrapper
+rejects tensors it cannot run on. Only "auto" passed directly to an op is resolved there.
+"""
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Optional
 
 import torch
 
+from .. import settings
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
+CONCRETE_BACKENDS = ("torch", "triton", "cuda")
 
 
 def check_backend_name(name: str) -> str:
@@ -20,9 +28,19 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     """Why the Triton backend cannot run on ``device`` (None when it can)."""
     if importlib.util.find_spec("triton") is None:
         return "triton backend needs the triton package (pip install 'moe_routing[triton]')"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not settings.triton_interpret():
         return "triton backend needs CUDA tensors or TRITON_INTERPRET=1 (set before moe_routing is imported)"
     return None
+
+
+def cuda_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the CUDA extension backend cannot run on ``device`` (None when it can)."""
+    if device.type != "cuda":
+        return f"it needs CUDA tensors, got device {device}"
+    from . import cuda_ext
+
+    ok, reason = cuda_ext.is_available()
+    return None if ok else reason
 
 
 def resolve_backend(name: str, device: torch.device = torch.device("cpu")) -> str:
@@ -31,32 +49,28 @@ def resolve_backend(name: str, device: torch.device = torch.device("cpu")) -> st
     "auto": Triton on CUDA tensors when triton is importable, else the torch reference. An explicit backend
     that cannot run raises ValueError saying why.
     """
-    name = check_backend_name(os.environ.get("MOE_ROUTING_BACKEND") or name)
+    check_backend_name(name)
+    name = check_backend_name(settings.backend_override() or name)
     if name == "auto":
         return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "torch"
+    reason = None
     if name == "triton":
         reason = triton_unavailable_reason(device)
-        if reason is not None:
-            raise ValueError(f"triton backend is unavailable: {reason}")
-    if name == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"cuda backend is unavailable: it needs CUDA tensors, got device {device}")
-        from . import cuda_lib
-
-        ok, reason = cuda_lib.is_available()
-        if not ok:
-            raise ValueError(f"cuda backend is unavailable: {reason}")
+    elif name == "cuda":
+        reason = cuda_unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(f"{name} backend is unavailable: {reason}")
     return name
+
+
+def op_backend(name: str, device: torch.device) -> str:
+    """The backend an op runs: a concrete name as given (already resolved, e.g. by `MoELayer.forward`),
+    "auto" resolved here; anything else raises ValueError."""
+    if name in CONCRETE_BACKENDS:
+        return name
+    return resolve_backend(name, device)
 
 
 def accumulate_dtype(*dtypes) -> torch.dtype:
     """float64 if any input is float64 (gradcheck), else float32 (bf16/fp16/fp32 inputs)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def token_offsets(token_N: torch.Tensor, num_tokens: int, top_k: int = 0) -> torch.Tensor:
-    """CSR offsets [T+1] of each token's pairs (pairs sorted by token), as the token-major kernels take."""
-    if top_k > 0:
-        return torch.arange(num_tokens + 1, device=token_N.device) * top_k
-    counts = torch.bincount(token_N, minlength=num_tokens)
-    return torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))

@@ -18,12 +18,11 @@ Gradient (to the logits): softmax over the chosen k (default, or ``normalize``):
 ``d_l[e_j] = w_j (g_j - sum_i g_i w_i)``. Full softmax without ``normalize``: every entry,
 ``d_l = p * (g_hat - <g_hat, p>)`` with ``g_hat`` the gradient scattered to the chosen ids.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch < 2.5 builds custom-op schemas from evaluated annotations.
 import torch
 from torch import Tensor
 
-from .backend import accumulate_dtype, resolve_backend
+from .backend import accumulate_dtype, op_backend
 
 
 def _select(x_TE: Tensor, k: int) -> Tensor:
@@ -57,9 +56,9 @@ def _topk_softmax(logits_TE: Tensor, k: int, softmax_before_topk: bool, normaliz
 
         return kernel.topk_softmax(logits_TE, k, softmax_before_topk, normalize)
     if backend == "cuda":
-        from . import cuda_lib
+        from . import cuda_ext
 
-        return cuda_lib.topk_softmax(logits_TE, k, softmax_before_topk, normalize)
+        return cuda_ext.topk_softmax(logits_TE, k, softmax_before_topk, normalize)
     return _reference(logits_TE, k, softmax_before_topk, normalize)
 
 
@@ -127,4 +126,4 @@ def topk_softmax(logits_TE: Tensor, k: int, backend: str = "auto", *, softmax_be
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     return _topk_softmax(logits_TE.contiguous(), k, softmax_before_topk, normalize,
-                         resolve_backend(backend, logits_TE.device))
+                         op_backend(backend, logits_TE.device))
