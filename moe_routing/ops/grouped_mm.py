@@ -5,7 +5,8 @@ backward needs a contiguous incoming gradient), and a loop over experts on conti
 (indexing ``w[e]`` in a loop makes the backward O(E^2)). The loop covers what ``_grouped_mm`` cannot: float64,
 sizes whose strides are not 16-byte aligned, devices without support, and torch releases without
 ``torch._grouped_mm`` (a private op of recent releases; "auto" then always loops). The loop reads ``counts_E``
-on the host (``tolist``, a sync on accelerators); the ``_grouped_mm`` path does not.
+on the host (``tolist``, a sync on accelerators) inside its custom op, so a compiled graph does not break
+there; the ``_grouped_mm`` path reads nothing.
 
 N = 0 rows (every pair dropped, or a ReLU router that selects nothing) works in both: zero-row outputs that
 stay connected to ``w`` so its gradient is a zero tensor rather than None.
@@ -91,9 +92,43 @@ def grouped_mm_supported(x_ND: Tensor, w_EDF: Tensor) -> bool:
 def _loop_mm(x_ND: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
     sizes = counts_E.tolist()
     outs = [x_n @ w_e for x_n, w_e, n in zip(x_ND.split(sizes), w_EDF.unbind(0), sizes) if n > 0]
-    if not outs:  # N = 0: a zero-row matmul keeps w (and x) in the graph, so their gradients are zeros
-        return x_ND @ w_EDF[0]
+    if not outs:  # N = 0
+        return x_ND.new_zeros(0, w_EDF.shape[2])
     return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+# The loop as custom ops too: its host read of the counts then happens inside an op the compiler does not
+# trace, so a compiled layer keeps one graph instead of breaking at the read (a graph break between the
+# router's losses and the experts made inductor's backward fail).
+@torch.library.custom_op("moe_routing::loop_mm", mutates_args=())
+def _loop_mm_op(x_ND: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
+    return _loop_mm(x_ND, w_EDF, counts_E)
+
+
+@_loop_mm_op.register_fake
+def _(x_ND, w_EDF, counts_E):
+    return x_ND.new_empty(x_ND.shape[0], w_EDF.shape[2])
+
+
+@torch.library.custom_op("moe_routing::loop_mm_weight_grad", mutates_args=())
+def _loop_weight_grad_op(x_ND: Tensor, dy_NF: Tensor, counts_E: Tensor) -> Tensor:
+    sizes = counts_E.tolist()  # an expert without rows gets x[0 rows]^T @ dy[0 rows] = zeros
+    return torch.stack([x_n.t() @ dy_n for x_n, dy_n in zip(x_ND.split(sizes), dy_NF.split(sizes))])
+
+
+@_loop_weight_grad_op.register_fake
+def _(x_ND, dy_NF, counts_E):
+    return x_ND.new_empty(counts_E.shape[0], x_ND.shape[1], dy_NF.shape[1])
+
+
+def _loop_backward(ctx, dy_NF: Tensor):
+    x_ND, w_EDF, counts_E = ctx.saved_tensors
+    dx = _loop_mm_op(dy_NF, w_EDF.transpose(1, 2), counts_E) if ctx.needs_input_grad[0] else None
+    dw = _loop_weight_grad_op(x_ND, dy_NF, counts_E) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_loop_mm_op.register_autograd(_loop_backward, setup_context=_setup)
 
 
 def check_impl(impl: str) -> str:
@@ -124,4 +159,4 @@ def grouped_mm(x_ND: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E1: Tensor
             raise ValueError("expert_impl='grouped_mm' needs float32/bfloat16 operands of one dtype whose "
                              "hidden sizes are multiples of 16 bytes (CPU, or bf16 on sm90+); use 'auto' or 'loop'")
         return _grouped_mm_op(x_ND.contiguous(), w_EDF, offsets_E1[1:].to(torch.int32))
-    return _loop_mm(x_ND, w_EDF, counts_E)
+    return _loop_mm_op(x_ND, w_EDF, counts_E)
