@@ -417,3 +417,17 @@ def test_expert_capacity_is_exact_for_decimal_factors():
     assert expert_capacity(1.1, 100, 1, 10) == 11  # float arithmetic gives 11.000000000000002 -> 12
     assert expert_capacity(1.0, 7, 2, 4) == 4
     assert expert_capacity(1.25, 10, 2, 8) == 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_combine_rejects_unsorted_or_out_of_range_tokens_on_every_backend(backend):
+    """Checked before the backend is chosen: the kernels' CSR offsets would silently misassign such pairs."""
+    h = torch.randn(4, 3)
+    w = torch.ones(4)
+    rows = torch.arange(4)
+    for token_N, match in ((torch.tensor([0, 1, 0, 1]), "non-decreasing"), (torch.tensor([0, 0, 1, 5]), "outside"),
+                           (torch.tensor([-1, 0, 1, 1]), "outside")):
+        with pytest.raises(ValueError, match=match):
+            combine(h, w, rows, token_N, 2, backend=backend)
+    with pytest.raises(ValueError, match="row_of_pair_N has values"):
+        combine(h, w, torch.tensor([0, 1, 2, 9]), torch.tensor([0, 0, 1, 1]), 2, backend=backend)

@@ -9,6 +9,7 @@ needs a gradient (the kernel backends compute both in one pass and drop the unne
 import torch
 from torch import Tensor
 
+from ..settings import debug_checks
 from .backend import accumulate_dtype, op_backend
 from .counts import csr_offsets
 
@@ -98,6 +99,23 @@ def _backward(ctx, grad_TD: Tensor):
 _combine.register_autograd(_backward, setup_context=_setup)
 
 
+def _check_pair_indices(row_of_pair_N: Tensor, token_N: Tensor, num_tokens: int) -> None:
+    """Every backend gets the same checks: the kernels build CSR offsets from ``token_N`` by binary search, so
+    an unsorted or out-of-range token id would silently drop or misassign pairs there (index_add_ would raise)."""
+    N = token_N.numel()
+    if token_N.is_floating_point() or row_of_pair_N.is_floating_point():
+        raise ValueError(f"token_N and row_of_pair_N must be integer tensors, got {token_N.dtype}, "
+                         f"{row_of_pair_N.dtype}")
+    lo, hi = int(token_N.min()), int(token_N.max())
+    if lo < 0 or hi >= num_tokens:
+        raise ValueError(f"token_N has values in [{lo}, {hi}], outside [0, {num_tokens}) (num_tokens)")
+    if N > 1 and bool((token_N[1:] < token_N[:-1]).any()):
+        raise ValueError("token_N must be non-decreasing (pairs in token order)")
+    lo, hi = int(row_of_pair_N.min()), int(row_of_pair_N.max())
+    if lo < 0 or hi >= N:
+        raise ValueError(f"row_of_pair_N has values in [{lo}, {hi}], outside [0, {N}) (rows of h_ND)")
+
+
 def combine(h_ND: Tensor, weight_N: Tensor, row_of_pair_N: Tensor, token_N: Tensor, num_tokens: int,
             top_k: int | None = None, backend: str = "auto", max_pairs: int | None = None) -> Tensor:
     """Weighted sum of expert outputs back to tokens.
@@ -111,6 +129,8 @@ def combine(h_ND: Tensor, weight_N: Tensor, row_of_pair_N: Tensor, token_N: Tens
         num_tokens: T.  top_k: K when every token has exactly K pairs (N == T*K, pair t*K+j), else None.
         max_pairs: an upper bound on any token's pair count when ``top_k`` is None (e.g. K after capacity
             drops); the kernel backends then need no host sync. Ignored by the torch backend.
+    Index values (``token_N`` sorted and in [0, T), ``row_of_pair_N`` in [0, N)) are checked for CPU tensors, and
+    on accelerators with ``MOE_ROUTING_DEBUG=1`` (a host sync), on every backend alike.
     Returns:
         y_TD [T, D] in ``h_ND``'s dtype.
     """
@@ -124,5 +144,7 @@ def combine(h_ND: Tensor, weight_N: Tensor, row_of_pair_N: Tensor, token_N: Tens
         raise ValueError(f"top_k={top_k} needs N = T*K = {num_tokens * top_k} pairs, got {N}")
     if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1):
         raise ValueError(f"max_pairs must be None or a positive int, got {max_pairs!r}")
+    if N and not torch.compiler.is_compiling() and (token_N.device.type == "cpu" or debug_checks()):
+        _check_pair_indices(row_of_pair_N, token_N, int(num_tokens))
     return _combine(h_ND.contiguous(), weight_N.contiguous(), row_of_pair_N.long(), token_N.long(), int(num_tokens),
                     int(top_k or 0), op_backend(backend, h_ND.device), int(max_pairs or 0))
