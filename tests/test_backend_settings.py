@@ -1,5 +1,6 @@
-"""One knob for the dispatch kernels: environment switches read in moe_routing/settings.py only, the layer's
-backend resolved once per forward, and ops that run an already resolved backend as given."""
+"""One knob for the dispatch kernels (moe_routing/settings.py, moe_routing/ops/backend.py): environment switches
+read in settings.py only, the layer's backend resolved once per forward, ops that run an already resolved backend
+as given, and kernel backends that cannot run here refused before any compute."""
 from __future__ import annotations
 
 import re
@@ -11,7 +12,7 @@ import torch
 import moe_routing as mr
 from moe_routing import settings
 from moe_routing.ops import backend as backend_mod
-from moe_routing.ops import combine, permute, sort_by_expert
+from moe_routing.ops import combine, permute, resolve_backend, sort_by_expert
 from moe_routing.ops.topk_softmax import topk_softmax
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +103,24 @@ def test_triton_kernels_reject_cpu_tensors_without_interpreter(monkeypatch):
         permute(torch.randn(4, 3), torch.tensor([0, 1]), "triton")
     with pytest.raises(ValueError, match="expert_N must be a CUDA tensor for the triton backend"):
         sort_by_expert(torch.tensor([0, 1]), 2, "triton")
+
+
+def test_triton_backend_unavailable_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("MOE_ROUTING_BACKEND", raising=False)
+    with pytest.raises(ValueError, match="triton backend is unavailable"):
+        resolve_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="cuda backend is unavailable"):
+        resolve_backend("cuda", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_layer_with_unavailable_triton_backend_raises_before_compute(monkeypatch):
+    from moe_routing import MoELayer
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("MOE_ROUTING_BACKEND", raising=False)
+    layer = MoELayer(8, 4, 4, 2, backend="triton", losses=[])
+    with pytest.raises(ValueError, match="triton backend is unavailable"):
+        layer(torch.randn(3, 8))
+    assert layer.last_stats == {}  # nothing ran

@@ -1,16 +1,18 @@
-"""moe_routing.control: controllers run by `attach` (optimizer hook) and `step` with one stacked all-reduce for
-every router of a model; the aux-loss scale is a tensor a compiled graph reads on every call."""
+"""moe_routing/control.py: controllers run by `attach` (optimizer hook) and `step` with one stacked all-reduce
+for every router of a model; the aux-loss scale is a tensor a compiled graph reads on every call and scales the
+injected gradient; routing_context restores layer_idx and the outer context."""
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 
 import pytest
 import torch
 from torch import nn
 
 import moe_routing as mr
+from moe_routing import RoutingContext, SwitchAuxLoss, ZLoss, set_aux_loss_scale
+
+from helpers import loss_layer as make_layer, moe, run_on_gloo_ranks
 
 D, F, E = 12, 8, 6
 
@@ -113,12 +115,7 @@ def _controller_worker(rank: int, world: int, init_file: str) -> None:
 
 
 def test_one_stacked_all_reduce_for_all_routers_over_two_gloo_ranks():
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed unavailable")
-    import torch.multiprocessing as tmp
-
-    with tempfile.TemporaryDirectory() as d:
-        tmp.spawn(_controller_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
+    run_on_gloo_ranks(_controller_worker)
 
 
 # ---- aux-loss scale -------------------------------------------------------------------------------------------
@@ -157,3 +154,39 @@ def test_compiled_layer_reads_the_current_aux_loss_scale():
     torch.testing.assert_close(grads[1], 3.0 * grads[0], rtol=1e-5, atol=1e-8)
     assert grads[2].abs().max() == 0
     assert counter.frame_count == 1, counter.frame_count
+
+
+@pytest.mark.parametrize("scale", [0.25, 3.0, 0.0])
+def test_set_aux_loss_scale_scales_injected_gradient(scale):
+    model = nn.Sequential(make_layer([SwitchAuxLoss(1.0), ZLoss(0.1)]), make_layer([SwitchAuxLoss(1.0)], seed=1))
+    torch.manual_seed(13)
+    x = torch.randn(12, D, dtype=torch.float64)
+    (model(x) * 0).sum().backward()
+    base = [model[i].router.weight.grad.clone() for i in range(2)]
+    assert all(g.abs().max() > 1e-4 for g in base)
+    model.zero_grad()
+    set_aux_loss_scale(model, scale)
+    assert all(m.aux_loss_scale == scale for m in model)
+    (model(x) * 0).sum().backward()
+    for i in range(2):
+        torch.testing.assert_close(model[i].router.weight.grad, scale * base[i], rtol=1e-12, atol=0)
+
+
+def test_set_aux_loss_scale_rejects_non_number():
+    with pytest.raises(TypeError, match="scale"):
+        set_aux_loss_scale(make_layer([]), "0.5")
+
+
+# ---- routing_context -----------------------------------------------------------------------------------------------
+def test_routing_context_restores_layer_idx_and_outer_context():
+    model = torch.nn.Sequential(moe(), moe(layer_idx=7), moe())
+    outer = RoutingContext()
+    with mr.routing_context(model, outer):
+        assert [m.layer_idx for m in model] == [0, 7, 2]
+        with mr.routing_context(model, padding_mask=torch.zeros(3, dtype=torch.bool)) as inner:
+            assert all(m._ctx is inner for m in model)
+        assert all(m._ctx is outer for m in model) and [m.layer_idx for m in model] == [0, 7, 2]
+    assert [m.layer_idx for m in model] == [None, 7, None] and all(m._ctx is None for m in model)
+    with pytest.raises(RuntimeError), mr.routing_context(model):
+        raise RuntimeError("inside")
+    assert [m.layer_idx for m in model] == [None, 7, None]

@@ -17,6 +17,8 @@ from moe_routing.ops import combine, cuda_ext, invert_permutation, permute, sort
 from moe_routing.ops.combine import _combine_backward
 from moe_routing.ops.topk_softmax import topk_softmax
 
+from helpers import backend_results
+
 SCHEMAS = {
     "permute": "moe_routing_cuda::permute(Tensor x, Tensor src_token) -> Tensor",
     "combine": "moe_routing_cuda::combine(Tensor h, Tensor? weight, Tensor row_of_pair, Tensor token_offsets) "
@@ -120,13 +122,7 @@ def test_layer_with_cuda_backend_matches_torch(ops, monkeypatch, capacity_factor
     torch.manual_seed(0)
     layer = mr.MoELayer(12, 8, 6, 2, capacity_factor=capacity_factor, num_shared_experts=1)
     x = torch.randn(2, 7, 12, requires_grad=True)
-    params = [x, layer.router.weight, layer.experts.w_gate, layer.experts.w_down]
-    results = []
-    for backend in ("torch", "cuda"):
-        layer.backend = backend
-        y = layer(x)
-        results.append((y, *torch.autograd.grad(y.square().sum(), params)))
-    for ref, got in zip(*results):
+    for ref, got in zip(*backend_results(layer, x, ("torch", "cuda"))):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -110,15 +110,6 @@ def test_every_named_router_is_a_router_with_the_layers_k():
         mr.MoELayer(D, F, E, K, router=mr.TopKRouter(D, E, 2))
 
 
-def test_decision_probs_normalise_non_softmax_scores():
-    r = mr.TopKRouter(D, E, K, score_func="sigmoid")
-    d = r(torch.randn(5, D))
-    assert not d.scores_normalized
-    torch.testing.assert_close(d.probs_TE.sum(-1), torch.ones(5))
-    d = mr.TopKRouter(D, E, K)(torch.randn(5, D))
-    assert d.scores_normalized and d.probs_TE is d.scores_TE
-
-
 @pytest.mark.parametrize("make", [
     lambda **kw: mr.TopKRouter(D, E, 1, **kw),
     lambda **kw: mr.HyperRouter(D, E, 1, **kw),

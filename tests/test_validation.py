@@ -7,7 +7,7 @@ import torch
 
 import moe_routing as mr
 from moe_routing import MoELayer, RoutingContext, TopKRouter, routing_context
-from moe_routing.ops import combine, permute
+from moe_routing.ops import capacity_keep_mask, combine, grouped_mm, permute, resolve_backend
 from moe_routing.routers import ReLURouter
 
 D, F, E = 16, 8, 4
@@ -347,3 +347,16 @@ def test_empty_batch_clears_the_previous_batch_stats():
     moe(torch.randn(0, D))
     assert moe.last_stats == {} and mr.aux_losses(moe)[""] == {}
     assert mr.routing_report(moe) == {}
+
+
+def test_other_bad_inputs():
+    with pytest.raises(ValueError, match="drop_policy"):
+        capacity_keep_mask(torch.tensor([0, 1]), torch.ones(2), 2, 1, "random")
+    counts = torch.tensor([2])
+    with pytest.raises(ValueError, match="expert_impl"):
+        grouped_mm(torch.randn(2, 4), torch.randn(1, 4, 4), counts, counts.int(), "fast")
+    with pytest.raises(ValueError, match="grouped_mm"):
+        grouped_mm(torch.randn(2, 4, dtype=torch.float64), torch.randn(1, 4, 4, dtype=torch.float64), counts,
+                   counts.int(), "grouped_mm")
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("tpu")

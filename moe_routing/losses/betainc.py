@@ -7,7 +7,7 @@ the symmetry ``I_x(a, b) = 1 - I_{1-x}(b, a)`` is used there (one fraction per e
 ``x^a (1-x)^b / (a B(a, b))`` is formed in log space with ``lgamma``.
 
 The iterations the fraction needs grow like ``sqrt(max(a, b))``; `iterations_for` gives a count that reaches
-float64 round-off for the parameters it is told (checked against scipy in tests/test_erc_dpsl.py).
+float64 round-off for the parameters it is told (checked against scipy in tests/test_losses_betainc.py).
 
 `BetaCDF` is the autograd function: its backward in ``x`` is the Beta pdf clipped to ``[grad_min, grad_max]``
 (default ``[1e-3, 100]``): the floor keeps a gradient for probabilities stuck in a tail (a collapsed router

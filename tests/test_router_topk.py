@@ -1,17 +1,16 @@
-"""TopKRouter selection and gate weights against a naive per-token computation; aux-loss-free bias balancing and
-its statistics (micro-batch accumulation, eval / no_grad, activation checkpointing); forced experts; dtype rules.
-"""
+"""moe_routing/routers/topk.py: TopKRouter's selection and gate weights against a naive per-token computation
+(softmax / sigmoid, scaling, group-limited routing and the group score rules of DeepSeek-V3, Megatron-Core and
+DeepSeek-V2), the aux-loss-free bias used for selection only, forced experts, jitter, what balance losses count,
+and the fused top-k op the layer's backend picks. Bias balancing and dtype rules: test_router_topk_bias.py."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import moe_routing as mr
-from moe_routing import MoELayer, RoutingContext, TopKRouter, routing_context
+from moe_routing import RoutingContext, TopKRouter
 
 D, E = 10, 8
 
@@ -29,10 +28,7 @@ def randx(T=24, seed=1, dtype=torch.float64):
     return torch.randn(T, D, generator=g, dtype=dtype)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Naive per-token reference
-# --------------------------------------------------------------------------------------------------------------
-
+# ---- naive per-token reference -------------------------------------------------------------------------------------
 def naive_route(x, W, k, score_func="softmax", softmax_before_topk=False, normalize=None, bias=None,
                 num_groups=None, topk_groups=None, scaling=1.0, forced=None):
     """For each token: {expert: gate weight}, computed with Python floats."""
@@ -89,10 +85,7 @@ def assert_same_routing(decision, expected, atol=1e-12):
         torch.testing.assert_close(act, exp, rtol=1e-10, atol=atol, msg=f"token {t}")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Scores and gate weights
-# --------------------------------------------------------------------------------------------------------------
-
+# ---- scores and gate weights ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("top_k", [2, 3])  # k=1 defaults to Switch gates (test_router_base.py)
 def test_softmax_topk_then_softmax(top_k):
     r = make_router(top_k=top_k)
@@ -185,10 +178,6 @@ def test_router_gradients_flow_through_gate_weights():
     assert r.weight.grad is not None and r.weight.grad.abs().max() > 1e-3
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Aux-loss-free bias
-# --------------------------------------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_bias_is_used_for_selection_only(score_func):
     r = make_router(score_func=score_func, bias_update_rate=1e-3)
@@ -206,133 +195,23 @@ def test_bias_is_used_for_selection_only(score_func):
     torch.testing.assert_close(d.logits_TE, forced.logits_TE, rtol=0, atol=0)
 
 
-def _moe(bias_rate=1e-2, score_func="sigmoid", seed=0, T_dtype=torch.float32, **kw):
-    torch.manual_seed(seed)
-    layer = MoELayer(D, 4, E, 2, router_kwargs={"score_func": score_func, "bias_update_rate": bias_rate},
-                     losses=[], **kw)
-    with torch.no_grad():
-        layer.router.weight.normal_(0, 0.6)
-    return layer
+def test_jitter_only_in_training():
+    plain = make_router(seed=3)
+    jit = make_router(seed=3, jitter_eps=0.3)
+    x = randx(T=64)
+    jit.eval()
+    d_eval = jit(x)
+    torch.testing.assert_close(d_eval.logits_TE, plain(x).logits_TE, rtol=0, atol=0)
+    jit.train()
+    torch.manual_seed(5)
+    d_train = jit(x)
+    assert (d_train.logits_TE - d_eval.logits_TE).abs().max() > 1e-3
+    # multiplicative noise within [1 - eps, 1 + eps]: logits move by at most eps * sum_j |x_j w_ej|
+    bound = 0.3 * (x.abs() @ jit.weight.detach().abs().t())
+    assert bool(((d_train.logits_TE - d_eval.logits_TE).abs() <= bound + 1e-12).all())
 
 
-def _choices(layer, x):
-    with torch.no_grad():
-        return layer.router(x.reshape(-1, D).to(layer.router.weight.dtype)).experts_TK
-
-
-def test_bias_update_accumulates_over_micro_batches_then_steps():
-    rate = 0.01
-    model = nn.Sequential(_moe(rate))
-    layer = model[0]
-    xs = [torch.randn(16, D) + layer.router.weight[0].detach() for _ in range(3)]
-    expected_load = torch.zeros(E, dtype=torch.long)
-    for x in xs:
-        expected_load += torch.bincount(_choices(layer, x).reshape(-1), minlength=E)
-        layer(x)
-    torch.testing.assert_close(layer.router.load_accum, expected_load, rtol=0, atol=0)
-    assert layer.router.expert_bias.abs().max() == 0  # nothing changes before step()
-    mr.step(model)
-    mean = expected_load.double().mean()
-    expected_bias = rate * torch.sign(mean - expected_load.double())
-    torch.testing.assert_close(layer.router.expert_bias.double(), expected_bias, rtol=0, atol=1e-9)
-    assert layer.router.load_accum.abs().max() == 0  # accumulator reset
-    # a second step with no new statistics changes nothing
-    mr.step(model)
-    torch.testing.assert_close(layer.router.expert_bias.double(), expected_bias, rtol=0, atol=1e-9)
-    # the next update adds to the current bias
-    x = xs[0]
-    load = torch.bincount(_choices(layer, x).reshape(-1), minlength=E).double()
-    layer(x)
-    mr.step(model)
-    torch.testing.assert_close(layer.router.expert_bias.double(),
-                               expected_bias + rate * torch.sign(load.mean() - load), rtol=0, atol=1e-9)
-
-
-def test_bias_balancing_reduces_max_violation_on_skewed_input():
-    layer = _moe(1e-2)
-    with torch.no_grad():
-        layer.router.weight.normal_(0, 0.3)
-    shift = 1.5 * layer.router.weight[:2].sum(0).detach()  # every token leans towards experts 0 and 1
-    g = torch.Generator().manual_seed(4)
-    x_eval = torch.randn(1024, D, generator=g) * 0.5 + shift
-
-    def max_vio():
-        load = torch.bincount(_choices(layer, x_eval).reshape(-1), minlength=E).double()
-        return ((load.max() - load.mean()) / load.mean()).item()
-
-    before = max_vio()
-    assert before > 2.0
-    load0 = torch.bincount(_choices(layer, x_eval).reshape(-1), minlength=E)
-    history = []
-    for _ in range(50):
-        layer(torch.randn(256, D, generator=g) * 0.5 + shift)
-        mr.step(layer)
-        history.append(max_vio())
-    # sign updates of a fixed size oscillate around balance: judge the last 10 steps
-    settled = sum(history[-10:]) / 10
-    assert settled < 0.35, (before, history)
-    assert max(history[-10:]) < 0.6, history
-    assert settled < before / 6
-    # the initially busiest expert was pushed down, the idlest up
-    bias = layer.router.expert_bias
-    assert bias[load0.argmax()] < 0 < bias[load0.argmin()]
-    after = history[-1]
-    # the layer's own metric agrees on the held-out batch (eval: no statistics accumulate)
-    layer.eval()
-    layer(x_eval)
-    assert layer.router.load_accum.abs().max() == 0
-    torch.testing.assert_close(torch.tensor(mr.routing_report(layer)["<root>"]["max_vio"], dtype=torch.float64),
-                               torch.tensor(after, dtype=torch.float64), rtol=1e-9, atol=1e-12)
-
-
-def test_stats_skip_eval_and_no_grad():
-    layer = _moe()
-    x = torch.randn(12, D)
-    layer.eval()
-    layer(x)
-    assert layer.router.load_accum.sum() == 0
-    layer.train()
-    with torch.no_grad():
-        layer(x)
-    assert layer.router.load_accum.sum() == 0
-    with torch.inference_mode():
-        layer(x)
-    assert layer.router.load_accum.sum() == 0
-    layer(x)
-    assert layer.router.load_accum.sum() == 12 * 2
-    mr.step(layer)
-    assert layer.router.expert_bias.abs().sum() > 0
-
-
-def test_stats_exclude_padding():
-    layer = _moe()
-    x = torch.randn(3, 4, D)
-    pad = torch.zeros(3, 4, dtype=torch.bool)
-    pad[0, 2:] = True
-    layer(x, RoutingContext(padding_mask=pad))
-    expected = torch.bincount(_choices(layer, x).reshape(-1, 2)[~pad.reshape(-1)].reshape(-1), minlength=E)
-    torch.testing.assert_close(layer.router.load_accum, expected, rtol=0, atol=0)
-    assert layer.router.load_accum.sum() == 10 * 2
-
-
-def test_non_reentrant_checkpoint_does_not_double_count():
-    layer = _moe()
-    calls = []
-    layer.router.register_forward_hook(lambda *a: calls.append(1))
-    x = torch.randn(20, D, requires_grad=True)
-    y = checkpoint(layer, x, use_reentrant=False)
-    (y ** 2).sum().backward()
-    assert len(calls) == 2  # the layer really was recomputed in backward
-    expected = torch.bincount(_choices(layer, x.detach()).reshape(-1), minlength=E)
-    torch.testing.assert_close(layer.router.load_accum, expected, rtol=0, atol=0)
-    assert layer.router.load_accum.sum() == 20 * 2
-    assert x.grad is not None and layer.router.weight.grad.abs().max() > 0
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Forced experts (routing replay)
-# --------------------------------------------------------------------------------------------------------------
-
+# ---- forced experts (routing replay) -------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", [dict(), dict(softmax_before_topk=True), dict(score_func="sigmoid")])
 def test_forced_experts_in_router(mode):
     r = make_router(**mode)
@@ -354,144 +233,7 @@ def test_forced_experts_in_router(mode):
     assert torch.equal(r(x, RoutingContext(forced_experts={7: forced}), 3).experts_TK, natural)
 
 
-def test_forced_experts_through_routing_context():
-    torch.manual_seed(0)
-    model = nn.Sequential(MoELayer(D, 4, E, 2, losses=[]), MoELayer(D, 4, E, 2, losses=[]))
-    x = torch.randn(6, D)
-    forced0 = torch.tensor([[7, 6]] * 6)
-    with routing_context(model, forced_experts={0: forced0}) as ctx:
-        assert [m.layer_idx for m in model] == [0, 1]
-        assert model[0]._ctx is ctx
-        y = model(x)
-    assert model[0]._ctx is None and model[1]._ctx is None
-    stats0 = mr.routing_report(model)["0"]["tokens_per_expert"]
-    assert stats0 == [0, 0, 0, 0, 0, 0, 6, 6]
-    # layer 1 was not forced: its loads are its router's natural choice
-    h = model[0](x)
-    natural1 = torch.bincount(_choices(model[1], h).reshape(-1), minlength=E).tolist()
-    model(x)  # refresh stats without context
-    assert mr.routing_report(model)["1"]["tokens_per_expert"] == natural1
-    y.sum().backward()
-    assert model[0].router.weight.grad.abs().max() > 0
-    # only rows of forced experts get a gradient through the gate weights of top-k-then-softmax
-    assert model[0].router.weight.grad[:6].abs().max() == 0
-    # the forced output equals an explicit computation with those experts and their softmax weights
-    layer = model[0]
-    logits = x @ layer.router.weight.detach().t()
-    w = logits[:, [7, 6]].softmax(-1)
-    ex = layer.experts
-    def expert(e, v):
-        return (torch.nn.functional.silu(v @ ex.w_gate[e]) * (v @ ex.w_up[e])) @ ex.w_down[e]
-    expected = w[:, :1] * expert(7, x) + w[:, 1:] * expert(6, x)
-    with routing_context(model, forced_experts={0: forced0}):
-        got = model[0](x)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# dtype rules
-# --------------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("cast", ["to_bf16", "half"])
-def test_router_state_stays_float32_when_model_is_cast_down(cast):
-    model = nn.Sequential(_moe(1e-3))
-    r = model[0].router
-    with torch.no_grad():
-        r.expert_bias.copy_(torch.linspace(-0.5013, 0.7007, E))
-        r.load_accum.fill_(3)
-    before = {n: t.clone() for n, t in list(r.named_parameters()) + list(r.named_buffers())}
-    model = model.to(torch.bfloat16) if cast == "to_bf16" else model.half()
-    low = torch.bfloat16 if cast == "to_bf16" else torch.float16
-    assert model[0].experts.w_up.dtype == low
-    for name, t in list(r.named_parameters()) + list(r.named_buffers()):
-        assert t.dtype == (torch.int64 if name == "load_accum" else torch.float32), name
-        torch.testing.assert_close(t, before[name], rtol=0, atol=0, msg=name)  # values not rounded
-    # the cast model runs on low-precision input and the router still computes in float32
-    x = torch.randn(8, D, dtype=low)
-    y = model(x)
-    assert y.dtype == low
-    with torch.no_grad():
-        assert r(x).logits_TE.dtype == torch.float32
-
-
-def test_router_follows_cast_to_float64():
-    model = nn.Sequential(_moe(1e-3))
-    model.double()
-    r = model[0].router
-    assert r.weight.dtype == torch.float64
-    assert r.expert_bias.dtype == torch.float64 and r.load_accum.dtype == torch.int64
-    assert r.math_dtype == torch.float64
-    assert model[0].experts.w_down.dtype == torch.float64
-    x = torch.randn(5, D, dtype=torch.float64)
-    assert r(x).logits_TE.dtype == torch.float64 and model(x).dtype == torch.float64
-    # built as float64 directly: the same
-    layer = MoELayer(D, 4, E, 2, dtype=torch.float64)
-    assert layer.router.weight.dtype == torch.float64
-    # built as bf16 directly: router float32
-    layer = MoELayer(D, 4, E, 2, dtype=torch.bfloat16, router_kwargs={"bias_update_rate": 1e-3})
-    assert layer.router.weight.dtype == torch.float32 and layer.router.expert_bias.dtype == torch.float32
-
-
-def test_small_bias_update_registers_in_bf16_cast_model():
-    rate = 1e-3
-    model = nn.Sequential(_moe(rate)).to(torch.bfloat16)
-    r = model[0].router
-    r.expert_bias.fill_(0.5)
-    x = (torch.randn(32, D) + r.weight[0].detach()).to(torch.bfloat16)
-    load = torch.bincount(_choices(model[0], x).reshape(-1), minlength=E).double()
-    model(x)
-    mr.step(model)
-    expected = 0.5 + rate * torch.sign(load.mean() - load)
-    torch.testing.assert_close(r.expert_bias.double(), expected, rtol=0, atol=1e-7)
-    assert (r.expert_bias != 0.5).sum() == (load != load.mean()).sum() > 0
-    # in bf16 the same update would vanish: 0.5 + 1e-3 rounds back to 0.5
-    assert torch.tensor(0.5, dtype=torch.bfloat16) + torch.tensor(1e-3, dtype=torch.bfloat16) == 0.5
-
-
-def test_step_updates_each_layer_from_its_own_loads_and_checkpointed_micro_batches():
-    # two layers, two checkpointed micro-batches: each router's bias moves by its own summed loads
-    rate = 0.02
-    model = nn.Sequential(_moe(rate, seed=0), _moe(rate, seed=1))
-    xs = [torch.randn(10, D) + model[0].router.weight[2].detach() for _ in range(2)]
-    loads = [torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)]
-    for x in xs:
-        h = model[0](x).detach()  # the second layer's input, computed without touching statistics
-        loads[0] += torch.bincount(_choices(model[0], x).reshape(-1), minlength=E).double()
-        loads[1] += torch.bincount(_choices(model[1], h).reshape(-1), minlength=E).double()
-    for m in model:
-        m.router.load_accum.zero_()
-    for x in xs:
-        y = checkpoint(model, x.requires_grad_(), use_reentrant=False)
-        y.square().sum().backward()
-    for i in range(2):
-        torch.testing.assert_close(model[i].router.load_accum.double(), loads[i], rtol=0, atol=0)
-    mr.step(model)
-    for i in range(2):
-        expected = rate * torch.sign(loads[i].mean() - loads[i])
-        torch.testing.assert_close(model[i].router.expert_bias.double(), expected, rtol=0, atol=1e-9)
-    assert not torch.equal(model[0].router.expert_bias, model[1].router.expert_bias)
-
-
-def test_jitter_only_in_training():
-    plain = make_router(seed=3)
-    jit = make_router(seed=3, jitter_eps=0.3)
-    x = randx(T=64)
-    jit.eval()
-    d_eval = jit(x)
-    torch.testing.assert_close(d_eval.logits_TE, plain(x).logits_TE, rtol=0, atol=0)
-    jit.train()
-    torch.manual_seed(5)
-    d_train = jit(x)
-    assert (d_train.logits_TE - d_eval.logits_TE).abs().max() > 1e-3
-    # multiplicative noise within [1 - eps, 1 + eps]: logits move by at most eps * sum_j |x_j w_ej|
-    bound = 0.3 * (x.abs() @ jit.weight.detach().abs().t())
-    assert bool(((d_train.logits_TE - d_eval.logits_TE).abs() <= bound + 1e-12).all())
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Group score rules (DeepSeek-V3 / Megatron-Core / DeepSeek-V2) and what balance losses count
-# --------------------------------------------------------------------------------------------------------------
-
+# ---- group score rules (DeepSeek-V3 / Megatron-Core / DeepSeek-V2) and what balance losses count -------------------
 def naive_group_experts(row, k, num_groups, topk_groups, best):
     """One token: score each group by the sum of its `best` largest entries, keep the `topk_groups` best groups,
     then the k largest entries inside them (Python lists; inputs are continuous, so no ties)."""
@@ -577,3 +319,63 @@ def test_balance_losses_count_the_unbiased_topk_by_default(kwargs):
     assert seq.item() == pytest.approx(default.item(), rel=1e-12)
     with pytest.raises(ValueError, match="count must be one of"):
         mr.SwitchAuxLoss(count="biased")
+
+
+# ---- the fused top-k op: the layer's backend picks the kernel ------------------------------------------------------
+def _spy(monkeypatch, calls):
+    """Replace the router's fused op by one that records its backend and runs the torch implementation (the
+    triton/cuda kernels need a GPU or the interpreter; their equality with torch is tested above)."""
+    import moe_routing.routers.topk as topk_mod
+
+    real = topk_mod.topk_softmax
+
+    def spy(logits_TE, k, backend, **kw):
+        calls.append(backend)
+        return real(logits_TE, k, "torch", **kw)
+
+    monkeypatch.setattr(topk_mod, "topk_softmax", spy)
+
+
+@pytest.mark.parametrize("softmax_first", [False, True])
+def test_router_fused_path_matches_default(monkeypatch, softmax_first):
+    calls = []
+    _spy(monkeypatch, calls)
+    torch.manual_seed(0)
+    r = TopKRouter(11, 5, 2, softmax_before_topk=softmax_first, scaling_factor=1.5)
+    x = torch.randn(14, 11)
+    outs = []
+    for backend in ("torch", "triton"):
+        xx = x.clone().requires_grad_()
+        d = r(xx, backend=backend)
+        outs.append((d.experts_TK, d.weights_TK, *torch.autograd.grad(d.weights_TK.square().sum(), [xx, r.weight])))
+    assert calls == ["triton"]
+    assert torch.equal(outs[0][0], outs[1][0])
+    for got, want in zip(outs[1][1:], outs[0][1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_router_torch_backend_and_unfusable_configs_do_not_call_the_fused_op(monkeypatch):
+    calls = []
+    _spy(monkeypatch, calls)
+    x = torch.randn(3, 8)
+    TopKRouter(8, 4, 2)(x)  # backend "torch": plain ops
+    assert calls == []
+    for kw in ({"score_func": "sigmoid"}, {"num_groups": 2, "topk_groups": 1}, {"bias_update_rate": 1e-3},
+               {"jitter_eps": 0.1}):
+        TopKRouter(8, 4, 2, **kw)(x, backend="cuda")
+    assert calls == []
+    jitter = TopKRouter(8, 4, 2, jitter_eps=0.1).eval()  # jitter only acts in training: fused in eval
+    jitter(x, backend="cuda")
+    assert calls == ["cuda"]
+
+
+def test_router_forced_experts_take_the_unfused_path(monkeypatch):
+    calls = []
+    _spy(monkeypatch, calls)
+    torch.manual_seed(1)
+    r = TopKRouter(8, 5, 2)
+    forced = torch.tensor([[4, 0], [1, 3], [2, 1]])
+    d = r(torch.randn(3, 8), RoutingContext(forced_experts={"L": forced}), "L", backend="triton")
+    assert calls == []
+    torch.testing.assert_close(d.weights_TK.sum(-1), torch.ones(3))
+    assert torch.equal(d.experts_TK, forced)

@@ -1,5 +1,6 @@
-"""Recurrent router (RMoE): routing and gradients against a naive per-token GRU written out here, state
-handling (reset between forwards, activation checkpointing, misuse), shared-GRU ownership and dtypes."""
+"""moe_routing/routers/recurrent.py (RMoE): routing and gradients against a naive per-token GRU (reference.py),
+full MoE stacks in float64 / float32 / bfloat16, state handling (reset between forwards, activation
+checkpointing, misuse), forced experts, shared-GRU ownership and dtypes."""
 from __future__ import annotations
 
 import copy
@@ -13,69 +14,11 @@ import moe_routing as mr
 from moe_routing.decision import RoutingContext
 from moe_routing.routers.recurrent import RecurrentRouter, RecurrentRouterGroup
 
-from reference import naive_ffn, naive_softmax
+from reference import (naive_recurrent_route, naive_recurrent_stack, recurrent_leaf_list, recurrent_leaves,
+                       recurrent_params)
 
 
-# --------------------------------------------------------------------------------------- naive reference
-def _sig(v):
-    return 1.0 / (1.0 + torch.exp(-v))
-
-
-def naive_gru_token(x_P, h_P, w_ih, w_hh, b_ih, b_hh):
-    """torch.nn.GRUCell's equations for one token, gate by gate (rows of w_ih / w_hh are r, z, n)."""
-    P = h_P.shape[0]
-    rows = {"r": slice(0, P), "z": slice(P, 2 * P), "n": slice(2 * P, 3 * P)}
-    out = []
-    for j in range(P):
-        def pre(g, src, w, b):
-            row = rows[g].start + j
-            return sum(w[row, c] * src[c] for c in range(src.shape[0])) + b[row]
-        r = _sig(pre("r", x_P, w_ih, b_ih) + pre("r", h_P, w_hh, b_hh))
-        z = _sig(pre("z", x_P, w_ih, b_ih) + pre("z", h_P, w_hh, b_hh))
-        n = torch.tanh(pre("n", x_P, w_ih, b_ih) + r * pre("n", h_P, w_hh, b_hh))
-        out.append((1 - z) * n + z * h_P[j])
-    return torch.stack(out)
-
-
-def naive_route(xs, params, k):
-    """Per layer and per token: logits [T, E], chosen experts (descending logit) and their gates."""
-    w_ih, w_hh, b_ih, b_hh = params["gru"]
-    T, P = xs[0].shape[0], w_hh.shape[1]
-    h = [torch.zeros(P, dtype=torch.float64) for _ in range(T)]
-    out = []
-    for i, x_TD in enumerate(xs):
-        w1, w2 = params["w1"][i], params["w2"][i]
-        logits, experts, gates = [], [], []
-        for t in range(T):
-            xp = torch.stack([(w1[p] * x_TD[t]).sum() for p in range(P)])
-            h[t] = naive_gru_token(xp, h[t], w_ih, w_hh, b_ih, b_hh)
-            lg = torch.stack([(w2[e] * h[t]).sum() for e in range(w2.shape[0])])
-            chosen = sorted(range(lg.shape[0]), key=lambda e: -float(lg[e].detach()))[:k]
-            logits.append(lg)
-            experts.append(chosen)
-            gates.append(naive_softmax(torch.stack([lg[e] for e in chosen])))
-        out.append((torch.stack(logits), experts, torch.stack(gates)))
-    return out
-
-
-def leaves(group):
-    g = group.gru
-    return {"gru": [p.detach().clone().requires_grad_() for p in (g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh)],
-            "w1": [r.w1.detach().clone().requires_grad_() for r in group.routers],
-            "w2": [r.w2.detach().clone().requires_grad_() for r in group.routers]}
-
-
-def flat(p):
-    return [*p["gru"], *p["w1"], *p["w2"]]
-
-
-def group_params(group):
-    g = group.gru
-    return [g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh, *[r.w1 for r in group.routers],
-            *[r.w2 for r in group.routers]]
-
-
-# ---------------------------------------------------------------------------------------- routing math
+# ---- routing math --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 6])
 def test_routing_and_gradients_match_naive_gru_over_three_layers(T):
     torch.manual_seed(T)
@@ -84,8 +27,8 @@ def test_routing_and_gradients_match_naive_gru_over_three_layers(T):
     xs = [torch.randn(T, D, dtype=torch.float64) for _ in range(3)]
     ctx = RoutingContext()
     decisions = [r(x, ctx) for r, x in zip(group.routers, xs)]
-    ref_params = leaves(group)
-    ref = naive_route(xs, ref_params, k)
+    ref_params = recurrent_leaves(group)
+    ref = naive_recurrent_route(xs, ref_params, k)
     for d, (logits, experts, gates) in zip(decisions, ref):
         torch.testing.assert_close(d.logits_TE, logits, rtol=1e-12, atol=1e-13)
         assert d.experts_TK.tolist() == experts
@@ -95,8 +38,8 @@ def test_routing_and_gradients_match_naive_gru_over_three_layers(T):
     c = [(torch.randn(T, k, dtype=torch.float64), torch.randn(T, E, dtype=torch.float64)) for _ in range(3)]
     loss = sum((d.weights_TK * a).sum() + (d.logits_TE * b).sum() for d, (a, b) in zip(decisions, c))
     loss_ref = sum((g * a).sum() + (lg * b).sum() for (lg, _, g), (a, b) in zip(ref, c))
-    grads = torch.autograd.grad(loss, group_params(group))
-    grads_ref = torch.autograd.grad(loss_ref, flat(ref_params))
+    grads = torch.autograd.grad(loss, recurrent_params(group))
+    grads_ref = torch.autograd.grad(loss_ref, recurrent_leaf_list(ref_params))
     for g, r in zip(grads, grads_ref):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
@@ -134,7 +77,7 @@ def test_layer_two_loss_reaches_layer_zero_projection_and_shared_gru():
     assert grads[4] is None
 
 
-# --------------------------------------------------------------------------------------- full MoE layers
+# ---- full MoE layers -----------------------------------------------------------------------------------------------
 class Toy(torch.nn.Module):
     """Residual stack of MoE layers routed by one group (the group is a submodule, registered first)."""
 
@@ -153,28 +96,6 @@ class Toy(torch.nn.Module):
         return h
 
 
-def naive_toy(x_TD, model, k):
-    """The toy stack token by token: naive routing per layer, naive experts, residual."""
-    p = leaves(model.group)
-    h = x_TD
-    hidden = [torch.zeros(p["w2"][0].shape[1], dtype=x_TD.dtype) for _ in range(x_TD.shape[0])]
-    w_ih, w_hh, b_ih, b_hh = p["gru"]
-    for i, layer in enumerate(model.layers):
-        ex = layer.experts
-        rows = []
-        for t in range(h.shape[0]):
-            xp = torch.stack([(p["w1"][i][j] * h[t]).sum() for j in range(len(hidden[t]))])
-            hidden[t] = naive_gru_token(xp, hidden[t], w_ih, w_hh, b_ih, b_hh)
-            lg = torch.stack([(p["w2"][i][e] * hidden[t]).sum() for e in range(p["w2"][i].shape[0])])
-            chosen = sorted(range(lg.shape[0]), key=lambda e: -float(lg[e].detach()))[:k]
-            gates = naive_softmax(torch.stack([lg[e] for e in chosen]))
-            acc = sum(gates[j] * naive_ffn(h[t], ex.w_gate[e], ex.w_up[e], ex.w_down[e], "swiglu")
-                      for j, e in enumerate(chosen))
-            rows.append(h[t] + acc)
-        h = torch.stack(rows)
-    return h, p
-
-
 @pytest.mark.parametrize("T", [1, 7])
 def test_moe_stack_matches_naive_float64(T):
     torch.manual_seed(3)
@@ -184,11 +105,11 @@ def test_moe_stack_matches_naive_float64(T):
     x = torch.randn(T, 9, dtype=torch.float64)
     with mr.routing_context(model):
         y = model(x)
-    y_ref, p = naive_toy(x, model, 2)
+    y_ref, p = naive_recurrent_stack(x, model, 2)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, group_params(model.group), dy)
-    grads_ref = torch.autograd.grad(y_ref, flat(p), dy)
+    grads = torch.autograd.grad(y, recurrent_params(model.group), dy)
+    grads_ref = torch.autograd.grad(y_ref, recurrent_leaf_list(p), dy)
     for g, r in zip(grads, grads_ref):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
     if T == 1:  # k=2 of 6 experts: four get no token
@@ -237,7 +158,7 @@ def test_bf16_cast_of_layers_only_keeps_shared_gru_fp32():
     assert seq[0].experts.w_up.dtype == torch.bfloat16
 
 
-# ---------------------------------------------------------------------------------------------- state
+# ---- state ---------------------------------------------------------------------------------------------------------
 def test_state_resets_between_forwards():
     torch.manual_seed(5)
     model = Toy()
@@ -303,7 +224,7 @@ def test_checkpoint_backward_outside_routing_context_says_why():
         y.sum().backward()
 
 
-# ---------------------------------------------------------------------------------------------- misuse
+# ---- misuse --------------------------------------------------------------------------------------------------------
 def test_misuse_errors():
     torch.manual_seed(8)
     group = RecurrentRouterGroup(6, 4, 2, 3, 4)
@@ -359,7 +280,7 @@ def test_router_needs_group_pieces():
         RecurrentRouter(6, 4, 2, 0, group.gru, object())
 
 
-# ---------------------------------------------------------------------------------- forced experts
+# ---- forced experts ------------------------------------------------------------------------------------------------
 def test_forced_experts_replay_and_override():
     torch.manual_seed(9)
     model = Toy(init_std=0.3)
@@ -383,7 +304,7 @@ def test_forced_experts_replay_and_override():
     assert d.weights_TK.requires_grad
 
 
-# ------------------------------------------------------------------------------------------ ownership
+# ---- ownership -----------------------------------------------------------------------------------------------------
 def test_shared_gru_counted_once_and_state_dict_round_trips():
     torch.manual_seed(10)
     D, F, E, L, P = 9, 6, 5, 3, 8
@@ -407,7 +328,7 @@ def test_shared_gru_counted_once_and_state_dict_round_trips():
     assert math.isclose(float(model.group.routers[0].w1.detach().std()), 0.02, rel_tol=0.3)
 
 
-# ------------------------------------------------------------------------------ reentrant checkpointing
+# ---- reentrant checkpointing ---------------------------------------------------------------------------------------
 def test_per_layer_reentrant_checkpoint_raises_instead_of_losing_the_recurrence_gradient():
     """A reentrant checkpoint runs its forward under no_grad and recomputes each layer alone in backward, so
     layer i's recomputation would read a grad-less state of layer i-1: the gradient of layer i's output through

@@ -1,5 +1,6 @@
-"""Fused top-k + softmax op (moe_routing.ops.topk_softmax) and its use in TopKRouter, against a per-token
-float64 reference. The Triton backend runs under TRITON_INTERPRET=1 (set in tests/conftest.py)."""
+"""moe_routing/ops/topk_softmax.py: the fused top-k + softmax op against a per-token float64 reference (ties,
+NaN / inf rows, bf16), its gradients, opcheck, argument checks, and the torch backend's selection against a
+stable sort. The Triton backend runs under TRITON_INTERPRET=1 (set in tests/conftest.py)."""
 from __future__ import annotations
 
 import math
@@ -8,10 +9,7 @@ import os
 import pytest
 import torch
 
-import moe_routing as mr
-from moe_routing.decision import RoutingContext
 from moe_routing.ops.topk_softmax import topk_softmax
-from moe_routing.routers.topk import TopKRouter
 
 HAVE_TRITON = os.environ.get("TRITON_INTERPRET") == "1" and __import__("importlib").util.find_spec("triton")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAVE_TRITON, reason="needs triton "
@@ -156,90 +154,6 @@ def test_bad_arguments_raise_before_compute():
         topk_softmax(x, 2, softmax_before_topk=1)
     with pytest.raises(TypeError, match="normalize must be a bool"):
         topk_softmax(x, 2, normalize=None)
-
-
-# ---- TopKRouter wiring: the layer's backend picks the top-k kernel ---------------------------------------------
-def _spy(monkeypatch, calls):
-    """Replace the router's fused op by one that records its backend and runs the torch implementation (the
-    triton/cuda kernels need a GPU or the interpreter; their equality with torch is tested above)."""
-    import moe_routing.routers.topk as topk_mod
-
-    real = topk_mod.topk_softmax
-
-    def spy(logits_TE, k, backend, **kw):
-        calls.append(backend)
-        return real(logits_TE, k, "torch", **kw)
-
-    monkeypatch.setattr(topk_mod, "topk_softmax", spy)
-
-
-@pytest.mark.parametrize("softmax_first", [False, True])
-def test_router_fused_path_matches_default(monkeypatch, softmax_first):
-    calls = []
-    _spy(monkeypatch, calls)
-    torch.manual_seed(0)
-    r = TopKRouter(11, 5, 2, softmax_before_topk=softmax_first, scaling_factor=1.5)
-    x = torch.randn(14, 11)
-    outs = []
-    for backend in ("torch", "triton"):
-        xx = x.clone().requires_grad_()
-        d = r(xx, backend=backend)
-        outs.append((d.experts_TK, d.weights_TK, *torch.autograd.grad(d.weights_TK.square().sum(), [xx, r.weight])))
-    assert calls == ["triton"]
-    assert torch.equal(outs[0][0], outs[1][0])
-    for got, want in zip(outs[1][1:], outs[0][1:]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-def test_router_torch_backend_and_unfusable_configs_do_not_call_the_fused_op(monkeypatch):
-    calls = []
-    _spy(monkeypatch, calls)
-    x = torch.randn(3, 8)
-    TopKRouter(8, 4, 2)(x)  # backend "torch": plain ops
-    assert calls == []
-    for kw in ({"score_func": "sigmoid"}, {"num_groups": 2, "topk_groups": 1}, {"bias_update_rate": 1e-3},
-               {"jitter_eps": 0.1}):
-        TopKRouter(8, 4, 2, **kw)(x, backend="cuda")
-    assert calls == []
-    jitter = TopKRouter(8, 4, 2, jitter_eps=0.1).eval()  # jitter only acts in training: fused in eval
-    jitter(x, backend="cuda")
-    assert calls == ["cuda"]
-
-
-def test_router_forced_experts_take_the_unfused_path(monkeypatch):
-    calls = []
-    _spy(monkeypatch, calls)
-    torch.manual_seed(1)
-    r = TopKRouter(8, 5, 2)
-    forced = torch.tensor([[4, 0], [1, 3], [2, 1]])
-    d = r(torch.randn(3, 8), RoutingContext(forced_experts={"L": forced}), "L", backend="triton")
-    assert calls == []
-    torch.testing.assert_close(d.weights_TK.sum(-1), torch.ones(3))
-    assert torch.equal(d.experts_TK, forced)
-
-
-def test_load_accum_is_int64_counts_and_old_float_checkpoints_load():
-    r = TopKRouter(8, 4, 2, bias_update_rate=1e-2)
-    assert r.load_accum.dtype == torch.int64
-    r.train()
-    x = torch.randn(9, 8)
-    r(x)
-    ids = (x @ r.weight.detach().t()).topk(2).indices
-    assert torch.equal(r.load_accum, torch.bincount(ids.reshape(-1), minlength=4))
-    # a checkpoint written when load_accum was float32
-    old = {k: v.clone() for k, v in r.state_dict().items()}
-    old["load_accum"] = torch.tensor([3.0, 0.0, 70000.0, 5.0])
-    fresh = TopKRouter(8, 4, 2, bias_update_rate=1e-2)
-    fresh.load_state_dict(old)
-    assert fresh.load_accum.dtype == torch.int64 and fresh.load_accum.tolist() == [3, 0, 70000, 5]
-    # casts leave the counts alone; a step uses them and resets them
-    fresh.to(torch.bfloat16)
-    assert fresh.load_accum.dtype == torch.int64 and fresh.expert_bias.dtype == torch.float32
-    fresh.moe_step()
-    load = torch.tensor([3.0, 0.0, 70000.0, 5.0], dtype=torch.float64)
-    torch.testing.assert_close(fresh.expert_bias.double(), 1e-2 * torch.sign(load.mean() - load), rtol=0,
-                               atol=1e-9)
-    assert fresh.load_accum.sum() == 0
 
 
 def test_torch_backend_selection_equals_stable_sort_on_tie_heavy_rows():

@@ -1,5 +1,6 @@
-"""MoELayer (float64) against the naive per-token loop in `reference.py`: outputs and gradients of x, the
-router weight and every expert weight; plus grouped_mm vs loop experts (fp32) and bitwise determinism."""
+"""moe_routing/layer.py: MoELayer (float64) against the naive per-token loop in `reference.py`: outputs and
+gradients of x, the router weight and every expert weight; plus grouped_mm vs loop experts (fp32) and bitwise
+determinism."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,6 @@
-"""Balance losses and z-loss against independent per-token computations, and how their gradients reach the router.
+"""moe_routing/losses/balance.py: Switch, sequence (DeepSeek-V3) and global-batch aux losses and z-loss against
+independent per-token computations: alone and together, with padding, over two gloo ranks, as logged per layer,
+and the routers' default losses. Gradient injection and accumulation: test_losses_attach.py.
 
 The expected values here are computed with explicit Python loops over tokens, sequences and experts in float64;
 they share no code with `moe_routing.losses`.
@@ -6,8 +8,6 @@ they share no code with `moe_routing.losses`.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import pytest
 import torch
@@ -15,23 +15,14 @@ from torch import nn
 
 import moe_routing as mr
 from moe_routing import (GlobalBatchAuxLoss, MoELayer, RoutingContext, SequenceAuxLoss, SwitchAuxLoss, ZLoss,
-                         aux_losses, set_aux_loss_scale)
+                         aux_losses)
 
-D, F, E = 12, 8, 6
+from helpers import LOSS_SIZES, loss_layer as make_layer, run_on_gloo_ranks
 
-
-def make_layer(losses, top_k=2, num_experts=E, hidden=D, seed=0, dtype=torch.float64, **kw):
-    torch.manual_seed(seed)
-    layer = MoELayer(hidden, F, num_experts, top_k, losses=losses, **kw)
-    with torch.no_grad():  # a router spread wide enough that top-k choices are unambiguous
-        layer.router.weight.normal_(0, 0.5)
-    return layer.to(dtype)
+D, F, E = LOSS_SIZES
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Independent reference: per-token loops in float64
-# --------------------------------------------------------------------------------------------------------------
-
+# ---- independent reference: per-token loops in float64 -------------------------------------------------------------
 def ref_logits(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
     W = layer.router.weight.detach().double()
     return x_TD.detach().double() @ W.t()
@@ -104,10 +95,7 @@ def close(actual, expected, rtol=1e-10, atol=1e-12):
     torch.testing.assert_close(actual.detach().double(), scalar(expected), rtol=rtol, atol=atol)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Switch aux
-# --------------------------------------------------------------------------------------------------------------
-
+# ---- Switch aux ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_switch_aux_matches_per_token_loop(top_k):
     layer = make_layer([SwitchAuxLoss(0.37)], top_k=top_k, return_aux_loss=True)
@@ -163,10 +151,7 @@ def test_switch_aux_layer_without_losses_returns_zero():
     assert aux_losses(layer) == {"": {}}
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Sequence aux (DeepSeek-V3)
-# --------------------------------------------------------------------------------------------------------------
-
+# ---- sequence aux (DeepSeek-V3) ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_sequence_aux_bsd_input(score_func):
     layer = make_layer([SequenceAuxLoss(0.5)], router_kwargs={"score_func": score_func}, return_aux_loss=True)
@@ -211,10 +196,7 @@ def test_sequence_aux_bsd_equals_packed_equal_lengths():
     torch.testing.assert_close(aux_bsd, aux_packed, rtol=1e-12, atol=1e-14)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# z-loss
-# --------------------------------------------------------------------------------------------------------------
-
+# ---- z-loss --------------------------------------------------------------------------------------------------------
 def test_z_loss_matches_logsumexp_squared():
     layer = make_layer([ZLoss(1e-2)], return_aux_loss=True)
     torch.manual_seed(6)
@@ -245,10 +227,7 @@ def test_several_losses_sum_and_are_logged_separately():
     close(mr.total_aux_loss(layer), sum(expected.values()))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Padding
-# --------------------------------------------------------------------------------------------------------------
-
+# ---- padding -------------------------------------------------------------------------------------------------------
 def test_padding_mask_excludes_tokens_from_every_loss():
     losses = [SwitchAuxLoss(1.0), ZLoss(1.0), SequenceAuxLoss(1.0)]
     layer = make_layer(losses, return_aux_loss=True)
@@ -290,10 +269,7 @@ def test_padding_drops_a_fully_padded_sequence_from_sequence_aux():
     torch.testing.assert_close(aux, aux_two, rtol=1e-12, atol=1e-14)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Global-batch aux
-# --------------------------------------------------------------------------------------------------------------
-
+# ---- global-batch aux ----------------------------------------------------------------------------------------------
 def test_global_batch_aux_equals_switch_aux_without_distributed():
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
     torch.manual_seed(10)
@@ -348,125 +324,10 @@ def _global_aux_worker(rank: int, world: int, init_file: str) -> None:
 
 
 def test_global_batch_aux_sums_counts_over_two_gloo_ranks():
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed unavailable")
-    import torch.multiprocessing as tmp
-
-    with tempfile.TemporaryDirectory() as d:
-        init_file = os.path.join(d, "init")
-        tmp.spawn(_global_aux_worker, args=(2, init_file), nprocs=2, join=True)
+    run_on_gloo_ranks(_global_aux_worker)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Gradient injection, scale, accumulation
-# --------------------------------------------------------------------------------------------------------------
-
-def test_aux_loss_gradient_reaches_router_weight():
-    layer = make_layer([SwitchAuxLoss(1.0)])
-    torch.manual_seed(11)
-    x = torch.randn(3, 5, D, dtype=torch.float64)
-    y = layer(x)
-    (y * 0).sum().backward()
-    injected = layer.router.weight.grad.clone()
-    assert injected.abs().max() > 1e-4
-    # the main path carried zero gradient: the experts get none, the router only the aux term
-    assert layer.experts.w_up.grad.abs().max() == 0
-
-    layer.zero_grad()
-    layer.return_aux_loss = True
-    y2, aux = layer(x)
-    torch.testing.assert_close(y2, y.detach(), rtol=0, atol=0)
-    (direct,) = torch.autograd.grad(aux, layer.router.weight)
-    torch.testing.assert_close(injected, direct, rtol=1e-12, atol=1e-15)
-
-
-def test_aux_loss_injection_leaves_main_gradient_unchanged():
-    torch.manual_seed(12)
-    x = torch.randn(10, D, dtype=torch.float64)
-    with_aux = make_layer([SwitchAuxLoss(1.0)])
-    without = make_layer([])
-    (with_aux(x) ** 2).sum().backward()
-    (without(x) ** 2).sum().backward()
-    for name in ("experts.w_gate", "experts.w_up", "experts.w_down"):
-        torch.testing.assert_close(with_aux.get_parameter(name).grad, without.get_parameter(name).grad,
-                                   rtol=1e-12, atol=1e-14)
-    with_aux.return_aux_loss = True
-    _, aux = with_aux(x)
-    (g_aux,) = torch.autograd.grad(aux, with_aux.router.weight)
-    torch.testing.assert_close(with_aux.router.weight.grad, without.router.weight.grad + g_aux,
-                               rtol=1e-10, atol=1e-13)
-
-
-@pytest.mark.parametrize("scale", [0.25, 3.0, 0.0])
-def test_set_aux_loss_scale_scales_injected_gradient(scale):
-    model = nn.Sequential(make_layer([SwitchAuxLoss(1.0), ZLoss(0.1)]), make_layer([SwitchAuxLoss(1.0)], seed=1))
-    torch.manual_seed(13)
-    x = torch.randn(12, D, dtype=torch.float64)
-    (model(x) * 0).sum().backward()
-    base = [model[i].router.weight.grad.clone() for i in range(2)]
-    assert all(g.abs().max() > 1e-4 for g in base)
-    model.zero_grad()
-    set_aux_loss_scale(model, scale)
-    assert all(m.aux_loss_scale == scale for m in model)
-    (model(x) * 0).sum().backward()
-    for i in range(2):
-        torch.testing.assert_close(model[i].router.weight.grad, scale * base[i], rtol=1e-12, atol=0)
-
-
-def test_set_aux_loss_scale_rejects_non_number():
-    with pytest.raises(TypeError, match="scale"):
-        set_aux_loss_scale(make_layer([]), "0.5")
-
-
-class _Model(nn.Module):
-    def __init__(self, losses):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(D, D, dtype=torch.float64)
-        self.moe = make_layer(losses, seed=1)
-        self.head = nn.Linear(D, 1, dtype=torch.float64)
-
-    def forward(self, x):
-        h = self.proj(x)
-        return self.head(h + self.moe(h))
-
-
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-@pytest.mark.parametrize("identical", [False, True])
-def test_gradient_accumulation_matches_one_big_batch(identical):
-    N, T = 4, 6
-    torch.manual_seed(14)
-    if identical:  # switch aux is not linear in tokens: micro-batches must be copies for equality
-        losses = [SwitchAuxLoss(0.5), ZLoss(1e-2)]
-        micro = [torch.randn(T, D, dtype=torch.float64)] * N
-    else:  # z-loss is a mean over tokens: linear, any equal-size micro-batches
-        losses = [ZLoss(1e-2)]
-        micro = [torch.randn(T, D, dtype=torch.float64) for _ in range(N)]
-    targets = [torch.randn(T, 1, dtype=torch.float64) for _ in range(N)]
-
-    big = _Model(losses)
-    nn.functional.mse_loss(big(torch.cat(micro)), torch.cat(targets)).backward()
-    g_big = _grads(big)
-
-    acc = _Model(losses)
-    set_aux_loss_scale(acc, 1.0 / N)
-    for x, t in zip(micro, targets):
-        (nn.functional.mse_loss(acc(x), t) / N).backward()
-    g_acc = _grads(acc)
-    for name in g_big:
-        torch.testing.assert_close(g_acc[name], g_big[name], rtol=1e-10, atol=1e-13, msg=name)
-
-    # the aux term matters: accumulating without the 1/N scale gives a different router gradient
-    wrong = _Model(losses)
-    for x, t in zip(micro, targets):
-        (nn.functional.mse_loss(wrong(x), t) / N).backward()
-    diff = (wrong.moe.router.weight.grad - g_big["moe.router.weight"]).abs().max()
-    assert diff > 1e-6
-
-
+# ---- values logged per layer, defaults, coefficients ---------------------------------------------------------------
 def test_aux_losses_per_layer_detached_and_return_mode():
     model = nn.ModuleDict({"a": make_layer([SwitchAuxLoss(0.1)]), "b": make_layer([ZLoss(0.2)], seed=3)})
     torch.manual_seed(15)
@@ -502,55 +363,3 @@ def test_loss_coeff_must_be_non_negative():
     for cls in (SwitchAuxLoss, SequenceAuxLoss, ZLoss, GlobalBatchAuxLoss):
         with pytest.raises(ValueError, match="coeff"):
             cls(-1.0)
-
-
-def test_gradient_accumulation_sequence_aux_sigmoid_bsd():
-    # sequence aux averages over sequences: with equally many sequences per micro-batch it is linear, so
-    # 4 micro-batches of 2 sequences (main loss / 4, aux scale 1/4) equal one batch of 8 sequences exactly
-    N, B, S = 4, 2, 5
-    losses = [SequenceAuxLoss(0.3), ZLoss(1e-2)]
-    torch.manual_seed(16)
-    micro = [torch.randn(B, S, D, dtype=torch.float64) for _ in range(N)]
-    targets = [torch.randn(B, S, 1, dtype=torch.float64) for _ in range(N)]
-
-    def model():
-        m = _Model(losses)
-        m.moe = make_layer(losses, seed=1, router_kwargs={"score_func": "sigmoid"})
-        return m
-
-    big = model()
-    nn.functional.mse_loss(big(torch.cat(micro)), torch.cat(targets)).backward()
-    acc = model()
-    set_aux_loss_scale(acc, 1.0 / N)
-    for x, t in zip(micro, targets):
-        (nn.functional.mse_loss(acc(x), t) / N).backward()
-    g_big, g_acc = _grads(big), _grads(acc)
-    for name in g_big:
-        torch.testing.assert_close(g_acc[name], g_big[name], rtol=1e-10, atol=1e-13, msg=name)
-    # the aux part of the router gradient is not negligible
-    plain = model()
-    for m_ in plain.moe.losses:
-        m_.coeff = 0.0
-    nn.functional.mse_loss(plain(torch.cat(micro)), torch.cat(targets)).backward()
-    assert (plain.moe.router.weight.grad - g_big["moe.router.weight"]).abs().max() > 1e-6
-
-
-def test_injected_aux_gradient_under_non_reentrant_checkpoint():
-    from torch.utils.checkpoint import checkpoint
-
-    torch.manual_seed(17)
-    x = torch.randn(2, 6, D, dtype=torch.float64)
-    plain = make_layer([SwitchAuxLoss(0.5), ZLoss(0.1)])
-    ckpt = make_layer([SwitchAuxLoss(0.5), ZLoss(0.1)])
-    (plain(x) ** 2).sum().backward()
-    (checkpoint(ckpt, x, use_reentrant=False) ** 2).sum().backward()
-    for (name, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-14, msg=name)
-    # and the aux part is in there exactly once: subtracting autograd.grad of the returned aux leaves the
-    # router gradient of the main path alone
-    ref = make_layer([])
-    (ref(x) ** 2).sum().backward()
-    plain.return_aux_loss = True
-    _, aux = plain(x)
-    (g_aux,) = torch.autograd.grad(aux, plain.router.weight)
-    torch.testing.assert_close(ckpt.router.weight.grad, ref.router.weight.grad + g_aux, rtol=1e-10, atol=1e-13)

@@ -1,4 +1,5 @@
-"""Triton backend (under TRITON_INTERPRET=1 on CPU) against the torch reference backend."""
+"""kernels/ (installed as moe_routing._kernels): the Triton backend under TRITON_INTERPRET=1 on CPU against the
+torch reference backend, for the ops and the whole layer, and the hints (top_k, max_pairs) its kernels get."""
 import os
 
 import pytest
@@ -9,6 +10,8 @@ pytest.importorskip("triton")
 import moe_routing as mr  # noqa: E402
 from moe_routing.ops import combine, permute  # noqa: E402
 from moe_routing.ops.backend import resolve_backend  # noqa: E402
+
+from helpers import D, K, backend_results, gen, moe  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
@@ -85,13 +88,7 @@ def test_layer_triton_matches_torch(capacity_factor):
     torch.manual_seed(0)
     layer = mr.MoELayer(33, 24, 6, 2, capacity_factor=capacity_factor)
     x = torch.randn(2, 9, 33, requires_grad=True)
-    params = [x, layer.router.weight, layer.experts.w_gate, layer.experts.w_down]
-    results = []
-    for backend in ("torch", "triton"):
-        layer.backend = backend
-        y = layer(x)
-        results.append((y, *torch.autograd.grad(y.square().sum(), params)))
-    for ref, got in zip(*results):
+    for ref, got in zip(*backend_results(layer, x, ("torch", "triton"))):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -184,3 +181,36 @@ def test_combine_autotune_key_excludes_max_pairs():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[0] == "['D', 'HAS_W'] [True]"
+
+
+def test_triton_backward_gets_top_k_and_max_pairs(monkeypatch):
+    pytest.importorskip("triton")
+    from moe_routing._kernels import combine as kernel
+
+    calls = []
+    real = kernel.combine
+    monkeypatch.setattr(kernel, "combine", lambda *a, **kw: calls.append((a[3].clone(), kw.get("max_pairs")))
+                        or real(*a, **kw))
+    T, k = 5, 3
+    src_token = torch.arange(T).repeat_interleave(k)[torch.randperm(T * k, generator=gen(7))]
+    x = torch.randn(T, 6, generator=gen(8), dtype=torch.float64, requires_grad=True)
+    g = torch.randn(T * k, 6, generator=gen(9), dtype=torch.float64)
+    (permute(x, src_token, "triton", top_k=k) * g).sum().backward()
+    offsets, max_pairs = calls[-1]
+    assert max_pairs == k and offsets.tolist() == [t * k for t in range(T + 1)]
+    ref = torch.zeros(T, 6, dtype=torch.float64)
+    for n in range(T * k):
+        ref[int(src_token[n])] += g[n]
+    torch.testing.assert_close(x.grad, ref, rtol=1e-12, atol=1e-12)
+    # variable k with a bound: offsets from the sorted rows, the bound passed through
+    calls.clear()
+    rows_v = torch.tensor([4, 0, 4, 2, 4])
+    xv = x.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: permute(v, rows_v, "triton", max_pairs=3), (xv,))
+    assert all(mp == 3 for _, mp in calls) and calls[-1][0].tolist() == [0, 1, 1, 2, 2, 5]
+    # the layer passes k (dropless) and the bound k (capacity mode) to every kernel combine
+    for cf in (None, 0.5):
+        calls.clear()
+        layer = moe(capacity_factor=cf, backend="triton", losses=[])
+        layer(torch.randn(6, D, generator=gen(10), requires_grad=True)).sum().backward()
+        assert len(calls) == 2 and all(mp == K for _, mp in calls)

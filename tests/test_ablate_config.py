@@ -1,0 +1,34 @@
+"""moe_routing/ablate/config.py: the learning-rate schedule (warmup, cosine) and presets refusing bools, NaN and
+empty values."""
+import math
+import re
+
+import pytest
+
+from moe_routing.ablate.config import Preset, get_preset
+
+
+def test_lr_schedule_warmup_and_cosine():
+    p = Preset(name="t", d_model=8, n_layers=1, n_heads=2, num_experts=2, top_k=1, expert_hidden=4, seq_len=4,
+               global_batch=2, micro_batch=1, steps=100, lr=1.0, min_lr=0.1, warmup_frac=0.1)
+    assert p.grad_accum == 2 and p.warmup_steps == 10
+    assert p.lr_at(0) == pytest.approx(0.1) and p.lr_at(9) == pytest.approx(1.0)
+    assert p.lr_at(10) == pytest.approx(1.0)
+    assert p.lr_at(55) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert p.lr_at(100) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(seeds=(True,)), "seeds must be a non-empty tuple of ints"),
+    (dict(seeds=(1, 1)), "seeds must be distinct"),
+    (dict(threads=True), "threads must be an int >= 0"),
+    (dict(steps=True), "steps must be a positive int, got True"),
+    (dict(lr=float("nan")), "lr must be a finite number"),
+    (dict(lr=True), "lr must be a finite number"),
+    (dict(routers=()), "routers must be a non-empty tuple"),
+    (dict(routers=("topk", "")), "routers must be a non-empty tuple"),
+    (dict(betas=(0.9,)), "betas must be two numbers in [0, 1)"),
+])
+def test_preset_refuses_bool_nan_and_empty_values(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_preset("smoke", **change)

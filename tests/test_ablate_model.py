@@ -1,0 +1,115 @@
+"""moe_routing/ablate/model.py and registry.py's build_model: the MoE LM with one expert equals the dense LM,
+attention against a naive loop, argument checks, parameter counts by hand, and the same seed giving every router
+the same shared initialisation. Tiny model (d=32, 2 layers, seq 32, batch 4)."""
+import math
+
+import pytest
+import torch
+
+import moe_routing as mr
+from moe_routing.ablate.config import get_preset
+from moe_routing.ablate.model import CausalSelfAttention, SwiGLU, TinyLM, count_params
+from moe_routing.ablate.registry import build_model
+
+
+def _moe_one_expert(D, F_):
+    return mr.MoELayer(D, F_, 1, 1, router=mr.TopKRouter(D, 1, 1, softmax_before_topk=True), losses=[])
+
+
+def test_moe_with_one_expert_equals_dense_model():
+    """E=1, k=1: the gate is softmax over one logit = 1, so the MoE LM is the dense LM with the same weights."""
+    torch.manual_seed(0)
+    D, F_, V, S = 32, 24, 50, 9
+    moe = TinyLM(V, D, 2, 16, [_moe_one_expert(D, F_) for _ in range(2)], seed=3).double()
+    dense = TinyLM(V, D, 2, 16, [SwiGLU(D, F_) for _ in range(2)], seed=3).double()
+    with torch.no_grad():
+        for bm, bd in zip(moe.blocks, dense.blocks):
+            for name in ("w_gate", "w_up", "w_down"):
+                getattr(bd.ffn, name).copy_(getattr(bm.ffn.experts, name)[0])
+    shared = {k: v for k, v in moe.state_dict().items() if ".ffn." not in k}
+    for k, v in shared.items():  # same seed: embeddings and attention already identical
+        assert torch.equal(v, dense.state_dict()[k]), k
+    ids = torch.randint(0, V, (3, S))
+    out_moe, out_dense = moe(ids), dense(ids)
+    assert out_moe.dtype == torch.float64  # stays float64 (logits are cast up to at least float32)
+    torch.testing.assert_close(out_moe, out_dense, rtol=1e-12, atol=1e-12)
+    out_moe.square().mean().backward()
+    out_dense.square().mean().backward()
+    torch.testing.assert_close(moe.embed.weight.grad, dense.embed.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(moe.blocks[0].ffn.experts.w_up.grad[0], dense.blocks[0].ffn.w_up.grad,
+                               rtol=1e-10, atol=1e-12)
+
+
+def _naive_attention(x_SD, qkv_w, out_w, H):
+    """Per-position loop in float64: RoPE on pairs (i, i + Dh/2), causal softmax attention."""
+    S, D = x_SD.shape
+    Dh = D // H
+    qkv = x_SD @ qkv_w.t()
+    q, k, v = qkv[:, :D], qkv[:, D:2 * D], qkv[:, 2 * D:]
+
+    def rot(vec, pos):
+        out = vec.clone()
+        for i in range(Dh // 2):
+            theta = pos * 10000.0 ** (-2.0 * i / Dh)
+            a, b = vec[i], vec[i + Dh // 2]
+            out[i] = a * math.cos(theta) - b * math.sin(theta)
+            out[i + Dh // 2] = a * math.sin(theta) + b * math.cos(theta)
+        return out
+
+    rows = []
+    for s in range(S):
+        heads = []
+        for h in range(H):
+            sl = slice(h * Dh, (h + 1) * Dh)
+            qs = rot(q[s, sl], s)
+            scores = torch.stack([qs @ rot(k[t, sl], t) / math.sqrt(Dh) for t in range(s + 1)])
+            p = scores.softmax(0)
+            heads.append(sum(p[t] * v[t, sl] for t in range(s + 1)))
+        rows.append(torch.cat(heads))
+    return torch.stack(rows) @ out_w.t()
+
+
+def test_attention_matches_naive_loop():
+    torch.manual_seed(1)
+    attn = CausalSelfAttention(12, 3, 8).double()
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    y = attn(x)
+    for b in range(2):
+        ref = _naive_attention(x[b], attn.qkv.weight.detach(), attn.out.weight.detach(), 3)
+        torch.testing.assert_close(y[b], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_model_bad_arguments():
+    with pytest.raises(ValueError, match="hidden_size=30 must split into n_heads=4"):
+        TinyLM(10, 30, 4, 8, [SwiGLU(30, 8)])
+    with pytest.raises(ValueError, match="vocab_size must be a positive int, got 0"):
+        TinyLM(0, 8, 2, 8, [SwiGLU(8, 8)])
+    with pytest.raises(TypeError, match="ffns must be a non-empty sequence"):
+        TinyLM(10, 8, 2, 8, [])
+    model = TinyLM(10, 8, 2, 8, [SwiGLU(8, 8)])
+    with pytest.raises(ValueError, match=r"ids must have shape \[B, S<=8\], got \(1, 9\)"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(TypeError, match="ids must be an integer tensor"):
+        model(torch.zeros(1, 4))
+    assert model(torch.zeros(1, 1, dtype=torch.long)).shape == (1, 1, 10)  # one token
+
+
+def test_count_params_by_hand():
+    p = get_preset("smoke")
+    model = build_model(p, "topk", 0, 256)
+    active, total = count_params(model, p.top_k)
+    D, L, E, k, F_ = p.d_model, p.n_layers, p.num_experts, p.top_k, p.expert_hidden
+    shared = 256 * D + L * (4 * D * D + 2 * D) + D  # tied embedding, attention, 2 norms per block, final norm
+    assert total == shared + L * (E * D + E * 3 * D * F_)
+    assert active == shared + L * (E * D + k * 3 * D * F_)
+    dense = build_model(p, "dense", 0, 256)
+    assert count_params(dense, p.top_k) == (shared + L * 3 * D * k * F_,) * 2
+
+
+def test_same_seed_pairs_shared_init_across_routers():
+    p = get_preset("smoke")
+    a, b, c = build_model(p, "topk", 0, 256), build_model(p, "relu", 0, 256), build_model(p, "topk", 1, 256)
+    for name in ("embed.weight", "blocks.0.attn.qkv.weight", "blocks.1.attn.out.weight"):
+        assert torch.equal(a.state_dict()[name], b.state_dict()[name])
+        assert not torch.equal(a.state_dict()[name], c.state_dict()[name])
+    assert torch.equal(a.blocks[0].ffn.experts.w_up, b.blocks[0].ffn.experts.w_up)  # same FFN stream too
