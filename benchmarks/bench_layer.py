@@ -1,8 +1,11 @@
 """Forward+backward speed and memory of `moe_routing.MoELayer` against three references, all in one run.
 
 Shapes: T tokens (8192; 1024 with --quick), D=512, F=1024 (each expert's SwiGLU hidden size), k=2, fp32,
-E in {8, 64}. Every variant runs one forward and one backward from a fixed random output gradient; weight
-gradients are reset to None before each call (as ``optimizer.zero_grad()`` does), so each call allocates them.
+E in {8, 64}. With --fine, the fine-grained-expert sweep: D=256, F=512, E in {8, 128, 256, 512} (same T and k, so
+the same active compute at every E, down to 32 rows per expert), the layer against the floors only; it reports
+moe / floor per E, which should not grow with E (routing work that scales with T*E is the suspect).
+Every variant runs one forward and one backward from a fixed random output gradient; weight gradients are reset
+to None before each call (as ``optimizer.zero_grad()`` does), so each call allocates them.
 
 Variants
   moe            MoELayer(D, F, E, k), default losses and stats: router, aux loss, sort, permute, grouped
@@ -21,7 +24,8 @@ no aux loss and no stats (its model does that outside the block).
 
 Timing: variants run round-robin (each round runs every variant once, the starting variant rotates between
 rounds) after one warm-up call each; we report the median over rounds, the ratio of medians ("MoE / variant")
-and the median of per-round ratios ("paired"), which cancels drift that hits a whole round.
+and the median of per-round ratios ("paired"), which cancels drift that hits a whole round. Process CPU time is
+recorded next to wall time: with --threads 1 it is the call's own work, much less disturbed by other jobs.
 
 Memory (measured after timing, one extra call per variant):
   peak MB   peak of bytes held by tensors allocated during one forward+backward (PyTorch's CPU allocator as seen
@@ -37,6 +41,7 @@ Memory (measured after timing, one extra call per variant):
 Commands
   .venv/bin/python benchmarks/bench_layer.py                # full: T=8192, 7 rounds, writes results/layer_cpu.*
   .venv/bin/python benchmarks/bench_layer.py --quick        # T=1024, 2 rounds, writes to /tmp (smoke check)
+  .venv/bin/python benchmarks/bench_layer.py --fine --threads 1 --no-memory   # writes results/layer_fine_cpu.*
   .venv/bin/python -m pytest benchmarks/bench_layer.py --benchmark-only -q      # pytest-benchmark view
   MOE_BENCH_QUICK=1 .venv/bin/python -m pytest benchmarks/bench_layer.py --benchmark-only -q   # at T=1024
 """
@@ -60,6 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import moe_routing as mr
+from _layer_memory import peak_alloc_bytes, saved_bytes
+from _layer_report import fine_markdown, markdown
 from _machine import cpu_count, cpu_model
 
 D, FFN, K = 512, 1024, 2
@@ -69,6 +76,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALL_VARIANTS = ("moe", "moe_loop", "floor_bmm", "floor_grouped", "dense", "hf_grouped", "hf_eager")
 DEFAULT_VARIANTS = ("moe", "floor_bmm", "floor_grouped", "dense", "hf_grouped", "hf_eager")
 FLOORS = ("floor_bmm", "floor_grouped")
+# --fine: fine-grained experts (E up to 512 at fixed active compute), the layer against the floor only
+FINE_D, FINE_FFN, FINE_EXPERTS, FINE_VARIANTS = 256, 512, (8, 128, 256, 512), ("moe", "floor_bmm", "floor_grouped")
 
 
 @dataclass
@@ -110,8 +119,10 @@ def _swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
-def build_case(T: int, E: int, names: Sequence[str] = DEFAULT_VARIANTS, seed: int = 0) -> Case:
-    """The requested variants at (T, E); HF variants are left out when transformers is missing."""
+def build_case(T: int, E: int, names: Sequence[str] = DEFAULT_VARIANTS, seed: int = 0, D: int = D,
+               FFN: int = FFN) -> Case:
+    """The requested variants at (T, E) and hidden sizes (D, FFN); HF variants are left out when transformers
+    is missing."""
     unknown = set(names) - set(ALL_VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {ALL_VARIANTS}")
@@ -196,44 +207,9 @@ def check_outputs(case: Case) -> Optional[float]:
     return diff
 
 
-def peak_alloc_bytes(v: Variant) -> tuple[int, int]:
-    """(peak bytes held by tensors allocated during one call, bytes of the gradients it leaves): see the module
-    docstring; the gradients are part of the peak."""
-    from torch.profiler import ProfilerActivity, profile
-    v.reset()
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        v()
-    grads = sum(t.grad.untyped_storage().nbytes() for t in v.grads if t.grad is not None)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    v.reset()
-    return peak, grads
-
-
-def saved_bytes(v: Variant) -> int:
-    """Bytes of distinct storages autograd saves for backward during one call, leaves excluded."""
-    leaves = {t.untyped_storage().data_ptr() for t in v.grads}
-    seen: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in leaves:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        v()
-    v.reset()
-    return sum(seen.values())
-
-
-def measure(T: int, E: int, rounds: int, names: Sequence[str], memory: bool = True, log=print) -> dict:
-    case = build_case(T, E, names)
+def measure(T: int, E: int, rounds: int, names: Sequence[str], memory: bool = True, log=print,
+            D: int = D, FFN: int = FFN) -> dict:
+    case = build_case(T, E, names, D=D, FFN=FFN)
     diff = check_outputs(case)
     with torch.no_grad():
         case.layer(case.x)
@@ -244,21 +220,24 @@ def measure(T: int, E: int, rounds: int, names: Sequence[str], memory: bool = Tr
         v()
         v.reset()
     times: dict[str, list[float]] = {n: [] for n in order}
+    cpu: dict[str, list[float]] = {n: [] for n in order}  # process CPU time: less hit by other jobs
     for r in range(rounds):
         rot = order[r % len(order):] + order[:r % len(order)]
         for name in rot:
             v = runs[name]
             v.reset()
             gc.collect()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             v.run()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             v.reset()
         log(f"  E={E} round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in order))
     res: dict = {"variants": {}, "moe_hf_max_abs_diff": diff,
                  "load_max_over_mean": (load.max() / load.mean()).item(), "load_min": int(load.min())}
     for n in order:
-        entry = {"median_s": statistics.median(times[n]), "min_s": min(times[n]), "times_s": times[n]}
+        entry = {"median_s": statistics.median(times[n]), "min_s": min(times[n]), "times_s": times[n],
+                 "cpu_median_s": statistics.median(cpu[n]), "cpu_times_s": cpu[n]}
         if memory:
             peak, grads = peak_alloc_bytes(runs[n])
             entry["peak_mb"], entry["grads_mb"] = peak / 2**20, grads / 2**20
@@ -273,7 +252,9 @@ def measure(T: int, E: int, rounds: int, names: Sequence[str], memory: bool = Tr
             if n == "moe":
                 continue
             ratios[n] = {"of_medians": res["variants"]["moe"]["median_s"] / res["variants"][n]["median_s"],
-                         "paired": statistics.median(a / b for a, b in zip(times["moe"], times[n]))}
+                         "paired": statistics.median(a / b for a, b in zip(times["moe"], times[n])),
+                         "cpu_of_medians": (res["variants"]["moe"]["cpu_median_s"]
+                                            / res["variants"][n]["cpu_median_s"])}
         if floors:
             ratios["floor"] = ratios[res["floor"]]
         res["moe_over"] = ratios
@@ -292,58 +273,31 @@ def machine() -> dict:
             "python": platform.python_version(), "transformers": tf}
 
 
-def markdown(payload: dict) -> str:
-    m, c = payload["machine"], payload["config"]
-    lines = [f"MoELayer fwd+bwd, T={c['T']}, D={c['D']}, F={c['F']}, k={c['k']}, fp32, median of {c['rounds']} "
-             f"interleaved rounds. {payload['date']}; {m['nproc']} CPUs ({m['cpu_model']}), torch {m['torch']} "
-             f"({m['torch_threads']} threads), transformers {m['transformers'] or 'not installed'}.", "",
-             "| E | variant | median s | min s | MoE / variant | paired | peak MB | of which grads MB | saved MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for E, res in payload["results"].items():
-        ratios = res.get("moe_over", {})
-        for n, v in res["variants"].items():
-            label = f"{n} (floor)" if n == res.get("floor") else n
-            r = ratios.get(n)
-            rs = ("1.00x", "1.00x") if n == "moe" else ((f"{r['of_medians']:.2f}x", f"{r['paired']:.2f}x")
-                                                        if r else ("-", "-"))
-            mem = ((f"{v['peak_mb']:.0f}", f"{v['grads_mb']:.0f}", f"{v['saved_mb']:.0f}") if "peak_mb" in v
-                   else ("-", "-", "-"))
-            lines.append(f"| {E} | {label} | {v['median_s']:.3f} | {v['min_s']:.3f} | {rs[0]} | {rs[1]} | "
-                         + " | ".join(mem) + " |")
-    lines += ["", "MoE / variant: ratio of medians; paired: median of per-round ratios. peak MB: peak of tensors "
-              "allocated during one fwd+bwd (torch.profiler CPU allocator events), including the new weight and "
-              "input gradients (grads MB); saved MB: activations autograd keeps for backward. Targets (issue): "
-              "MoE <= 1.15x the floor, MoE <= 1.00x hf_grouped."]
-    for E, res in payload["results"].items():
-        r = res.get("moe_over", {})
-        parts = [f"routing load max/mean {res['load_max_over_mean']:.2f}"]
-        if "floor" in r:
-            f = r["floor"]["of_medians"]
-            parts.append(f"MoE/floor {f:.2f}x ({'met' if f <= 1.15 else 'missed'})")
-        if "hf_grouped" in r:
-            h = r["hf_grouped"]["of_medians"]
-            parts.append(f"MoE/hf_grouped {h:.2f}x ({'met' if h <= 1.0 else 'missed'})")
-        if "dense" in r:
-            parts.append(f"MoE/dense {r['dense']['of_medians']:.2f}x")
-        lines.append(f"- E={E}: " + "; ".join(parts))
-    return "\n".join(lines)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"T={T_QUICK}, 2 rounds, results to /tmp")
+    p.add_argument("--fine", action="store_true", help=f"fine-grained sweep: D={FINE_D}, F={FINE_FFN}, E in "
+                   f"{FINE_EXPERTS}, variants {','.join(FINE_VARIANTS)}; writes layer_fine_cpu.*")
     p.add_argument("--tokens", type=int, help=f"T (default {T_FULL}, {T_QUICK} with --quick)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 7, 2 with --quick; >= 5 for results)")
-    p.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS))
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list from {ALL_VARIANTS}")
+    p.add_argument("--experts", type=int, nargs="+", help=f"E values (default {EXPERTS}; {FINE_EXPERTS} with --fine)")
+    p.add_argument("--variants", help=f"comma list from {ALL_VARIANTS} (default {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--with-loop", action="store_true", help="add moe_loop (expert_impl='loop')")
     p.add_argument("--no-hf-eager", action="store_true", help="skip HF's eager expert loop (the slowest)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak/saved memory pass")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results; /tmp/... with --quick)")
+    p.add_argument("--name", help="results file stem (default layer_cpu, layer_fine_cpu with --fine)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (1: CPU times are per-call work, and "
+                   "OpenMP stalls on a busy machine are avoided)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    d, ffn = (FINE_D, FINE_FFN) if args.fine else (D, FFN)
+    experts = args.experts or list(FINE_EXPERTS if args.fine else EXPERTS)
+    name = args.name or ("layer_fine_cpu" if args.fine else "layer_cpu")
     T = args.tokens or (T_QUICK if args.quick else T_FULL)
     rounds = args.rounds or (2 if args.quick else 7)
-    names = [n for n in args.variants.split(",") if n]
+    names = [n for n in (args.variants or ",".join(FINE_VARIANTS if args.fine else DEFAULT_VARIANTS)).split(",") if n]
     if args.with_loop and "moe_loop" not in names:
         names.insert(1, "moe_loop")
     if args.no_hf_eager and "hf_eager" in names:
@@ -352,25 +306,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print("transformers is not installed: the Hugging Face variants are skipped")
     out_dir = args.out or (Path("/tmp/moe_bench_quick") if args.quick else RESULTS)
     torch.manual_seed(0)
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()
     results = {}
-    for E in args.experts:
-        print(f"E={E}: T={T}, {rounds} rounds, variants {names}", flush=True)
+    for E in experts:
+        print(f"E={E}: T={T}, D={d}, F={ffn}, {rounds} rounds, variants {names}", flush=True)
         results[str(E)] = measure(T, E, rounds, names, memory=not args.no_memory,
-                                  log=lambda s: print(s, flush=True))
+                                  log=lambda s: print(s, flush=True), D=d, FFN=ffn)
     payload = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-               "config": {"T": T, "D": D, "F": FFN, "k": K, "dtype": "float32", "rounds": rounds,
+               "config": {"T": T, "D": d, "F": ffn, "k": K, "dtype": "float32", "rounds": rounds,
                           "losses": "default (SwitchAuxLoss 1e-2)", "stats": True, "quick": args.quick},
-               "wall_s": round(time.time() - started, 1), "results": results}
-    text = markdown(payload)
+               "wall_s": round(time.time() - started, 1), "load_before": list(load_before),
+               "load_after": list(os.getloadavg()), "results": results}
+    text = fine_markdown(payload) if args.fine else markdown(payload)
     print()
     print(text)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "layer_cpu.json.tmp"
+    tmp = out_dir / f"{name}.json.tmp"
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(out_dir / "layer_cpu.json")
-    (out_dir / "layer_cpu.md").write_text(text + "\n")
-    print(f"\nwrote {out_dir / 'layer_cpu.json'} and {out_dir / 'layer_cpu.md'}")
+    tmp.replace(out_dir / f"{name}.json")
+    (out_dir / f"{name}.md").write_text(text + "\n")
+    print(f"\nwrote {out_dir / (name + '.json')} and {out_dir / (name + '.md')}")
     return payload
 
 
