@@ -47,8 +47,9 @@ def fine_markdown(payload: dict) -> str:
              f"F={c['F']}, k={c['k']}, fp32, default losses (SwitchAuxLoss) and stats, median of {c['rounds']} "
              f"interleaved rounds. {payload['date']}; {m['nproc']} CPUs ({m['cpu_model']}), torch {m['torch']} "
              f"({m['torch_threads']} threads); load average {load[0][0]:.1f} before, {load[1][0]:.1f} after.", "",
-             "| E | rows/expert | moe ms | floor ms | floor | moe / floor | paired | CPU moe / floor | load max/mean |",
-             "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "| E | rows/expert | moe ms | floor ms | floor | moe / floor | paired | CPU moe / floor | router GEMM ms "
+             "| moe / (floor + router GEMM) | load max/mean |",
+             "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     ratio = {}
     for E, res in payload["results"].items():
         v, f = res["variants"], res.get("floor")
@@ -56,13 +57,19 @@ def fine_markdown(payload: dict) -> str:
             continue
         r = res["moe_over"]["floor"]
         ratio[int(E)] = r["of_medians"]
+        g = v.get("router_gemm", {}).get("median_s")
+        with_router = (("-", "-") if g is None
+                       else (f"{g * 1e3:.1f}", f"{v['moe']['median_s'] / (v[f]['median_s'] + g):.3f}x"))
         lines.append(f"| {E} | {c['T'] * c['k'] // int(E)} | {v['moe']['median_s'] * 1e3:.0f} | "
                      f"{v[f]['median_s'] * 1e3:.0f} | {f} | {r['of_medians']:.3f}x | {r['paired']:.3f}x | "
-                     f"{r['cpu_of_medians']:.3f}x | {res['load_max_over_mean']:.2f} |")
+                     f"{r['cpu_of_medians']:.3f}x | {with_router[0]} | {with_router[1]} | "
+                     f"{res['load_max_over_mean']:.2f} |")
     lines += ["", "floor: the faster (lower median) of floor_bmm and floor_grouped, the expert matmuls alone with "
               "exactly T*k/E rows per expert and no routing. moe / floor: ratio of wall-time medians; paired: median "
               "of per-round ratios; CPU: ratio of process-CPU-time medians (with 1 thread the least disturbed by "
-              "other jobs on a shared machine)."]
+              "other jobs on a shared machine). router GEMM: the router's x @ W^T forward and backward alone "
+              "(T*E*D work that grows with E and that the floor leaves out); moe / (floor + router GEMM) is the "
+              "routing overhead beyond that unavoidable GEMM."]
     if 8 in ratio:
         for E in sorted(e for e in ratio if e > 8):
             verdict = "met" if ratio[E] <= ratio[8] else "missed"

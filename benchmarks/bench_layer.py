@@ -16,6 +16,8 @@ Variants
   floor_grouped  the same floor as one torch._grouped_mm per projection (its built-in autograd)
   floor          whichever of the two floors has the lower median (the honest floor for routing overhead)
   dense          one expert-sized SwiGLU FFN over T*k rows (x repeated k times): the same active FLOPs
+  router_gemm    the router's logits GEMM x @ W^T alone, forward and its two backward GEMMs (dense [T, E]
+                 gradient, as the softmax aux loss gives): T*E*D work any dense router does, which the floor lacks
   hf_grouped     Hugging Face `Qwen3MoeSparseMoeBlock` with ``config._experts_implementation = "grouped_mm"``
   hf_eager       the same block with its eager per-expert loop
 The MoE layer, both floors and both HF variants share the same weights (the HF block gets a copy of the layer's
@@ -73,11 +75,12 @@ D, FFN, K = 512, 1024, 2
 EXPERTS = (8, 64)
 T_FULL, T_QUICK = 8192, 1024
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_VARIANTS = ("moe", "moe_loop", "floor_bmm", "floor_grouped", "dense", "hf_grouped", "hf_eager")
+ALL_VARIANTS = ("moe", "moe_loop", "floor_bmm", "floor_grouped", "dense", "router_gemm", "hf_grouped", "hf_eager")
 DEFAULT_VARIANTS = ("moe", "floor_bmm", "floor_grouped", "dense", "hf_grouped", "hf_eager")
 FLOORS = ("floor_bmm", "floor_grouped")
 # --fine: fine-grained experts (E up to 512 at fixed active compute), the layer against the floor only
-FINE_D, FINE_FFN, FINE_EXPERTS, FINE_VARIANTS = 256, 512, (8, 128, 256, 512), ("moe", "floor_bmm", "floor_grouped")
+FINE_D, FINE_FFN, FINE_EXPERTS = 256, 512, (8, 128, 256, 512)
+FINE_VARIANTS = ("moe", "floor_bmm", "floor_grouped", "router_gemm")
 
 
 @dataclass
@@ -170,6 +173,14 @@ def build_case(T: int, E: int, names: Sequence[str] = DEFAULT_VARIANTS, seed: in
         def dense():
             _swiglu(x_rows, dg, du, dd).backward(dy_rows)
         out["dense"] = Variant("", dense, [x_rows, dg, du, dd])
+
+    if "router_gemm" in names:
+        x_TD, w_ED = x.detach().reshape(T, D).requires_grad_(), layer.router.weight.detach().clone().requires_grad_()
+        d_logits = torch.randn(T, E)
+
+        def router_gemm():
+            (x_TD @ w_ED.t()).backward(d_logits)
+        out["router_gemm"] = Variant("", router_gemm, [x_TD, w_ED])
 
     hf_names = [n for n in ("hf_grouped", "hf_eager") if n in names]
     hf = hf_block_class() if hf_names else None
