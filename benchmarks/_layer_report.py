@@ -46,7 +46,8 @@ def fine_markdown(payload: dict) -> str:
     lines = [f"MoELayer fwd+bwd against the balanced-expert floor, fine-grained experts: T={c['T']}, D={c['D']}, "
              f"F={c['F']}, k={c['k']}, fp32, default losses (SwitchAuxLoss) and stats, median of {c['rounds']} "
              f"interleaved rounds. {payload['date']}; {m['nproc']} CPUs ({m['cpu_model']}), torch {m['torch']} "
-             f"({m['torch_threads']} threads); load average {load[0][0]:.1f} before, {load[1][0]:.1f} after.", "",
+             f"({m['torch_threads']} threads); load average {load[0][0]:.1f} before, {load[1][0]:.1f} after; "
+             f"moe_routing at {payload.get('library_commit') or 'unknown commit'}.", "",
              "| E | rows/expert | moe ms | floor ms | floor | moe / floor | paired | CPU moe / floor | router GEMM ms "
              "| moe / (floor + router GEMM) | load max/mean |",
              "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]

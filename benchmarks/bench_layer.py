@@ -57,6 +57,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +275,17 @@ def measure(T: int, E: int, rounds: int, names: Sequence[str], memory: bool = Tr
     return res
 
 
+def library_commit() -> Optional[str]:
+    """The commit moe_routing was measured at, "+dirty" when its files differ from it (None outside git)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(mr.__file__).parent).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return (head + ("+dirty" if git("status", "--porcelain", "--", ".") else "")) or None
+    except OSError:
+        return None
+
+
 def machine() -> dict:
     try:
         import transformers
@@ -326,7 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     payload = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
                "config": {"T": T, "D": d, "F": ffn, "k": K, "dtype": "float32", "rounds": rounds,
                           "losses": "default (SwitchAuxLoss 1e-2)", "stats": True, "quick": args.quick},
-               "wall_s": round(time.time() - started, 1), "load_before": list(load_before),
+               "library_commit": library_commit(), "wall_s": round(time.time() - started, 1),
+               "load_before": list(load_before),
                "load_after": list(os.getloadavg()), "results": results}
     text = fine_markdown(payload) if args.fine else markdown(payload)
     print()
