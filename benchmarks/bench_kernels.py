@@ -96,7 +96,7 @@ def _router_fns(T: int, E: int, K: int, backend: str) -> dict:
     logits = torch.randn(T, E, device=DEVICE, generator=gen)
     expert_N = logits.topk(K, dim=-1).indices.reshape(-1)
 
-    def unfused():  # what TopKRouter runs without fused_topk: softmax, top-k of the scores, gather, softmax
+    def unfused():  # what TopKRouter runs on the torch backend: softmax, top-k of the scores, gather, softmax
         idx = logits.softmax(-1).topk(K, dim=-1).indices
         return logits.gather(1, idx).softmax(-1), idx
 

@@ -24,9 +24,13 @@ def max_violation(load_E: Tensor) -> Tensor:
 @torch.no_grad()
 def routing_entropy(probs_TE: Tensor, valid_T: Optional[Tensor] = None) -> Tensor:
     """Mean over (non-padding) tokens of the entropy of the per-token routing distribution ``probs_TE`` [T, E]
-    (rows summing to 1, `RoutingDecision.probs_TE`), in nats."""
-    p = probs_TE.double()
-    h_T = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    (rows summing to 1, `RoutingDecision.probs_TE`), in nats.
+
+    Per-token entropies in the probabilities' dtype (at least float32: a float64 copy of [T, E] cost more than
+    the rest of the layer's stats together at E=512), their mean in float64.
+    """
+    p = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32))
+    h_T = -p.clamp_min(1e-30).log_().mul_(p).sum(-1).double()
     if valid_T is None:
         return h_T.mean() if h_T.numel() else h_T.sum()
     return (h_T * valid_T).sum() / valid_T.sum().clamp_min(1)

@@ -49,7 +49,9 @@ def switch_aux_loss(decision: RoutingDecision, top_k: int, valid_T: Optional[Ten
     counts_E = _pair_counts(decision, valid_T, p_TE.dtype, _check_count(count))
     if valid_T is None:
         num_tokens = torch.tensor(float(p_TE.shape[0]), dtype=p_TE.dtype, device=p_TE.device)
-        P_E = p_TE.mean(0)
+        # sum / T rather than mean: the same values, but the backward hands softmax a broadcast view of the [E]
+        # gradient instead of materialising a [T, E] one
+        P_E = p_TE.sum(0) / p_TE.shape[0]
     else:
         w_T = valid_T.to(p_TE.dtype)
         num_tokens = w_T.sum()

@@ -117,7 +117,8 @@ def _check_pair_indices(row_of_pair_N: Tensor, token_N: Tensor, num_tokens: int)
 
 
 def combine(h_ND: Tensor, weight_N: Tensor, row_of_pair_N: Tensor, token_N: Tensor, num_tokens: int,
-            top_k: int | None = None, backend: str = "auto", max_pairs: int | None = None) -> Tensor:
+            top_k: int | None = None, backend: str = "auto", max_pairs: int | None = None, *,
+            check_indices: bool = True) -> Tensor:
     """Weighted sum of expert outputs back to tokens.
 
     Args:
@@ -130,7 +131,8 @@ def combine(h_ND: Tensor, weight_N: Tensor, row_of_pair_N: Tensor, token_N: Tens
         max_pairs: an upper bound on any token's pair count when ``top_k`` is None (e.g. K after capacity
             drops); the kernel backends then need no host sync. Ignored by the torch backend.
     Index values (``token_N`` sorted and in [0, T), ``row_of_pair_N`` in [0, N)) are checked for CPU tensors, and
-    on accelerators with ``MOE_ROUTING_DEBUG=1`` (a host sync), on every backend alike.
+    on accelerators with ``MOE_ROUTING_DEBUG=1`` (a host sync), on every backend alike; ``check_indices=False``
+    skips that for callers whose indices are valid by construction (the layer's own dispatch).
     Returns:
         y_TD [T, D] in ``h_ND``'s dtype.
     """
@@ -144,7 +146,8 @@ def combine(h_ND: Tensor, weight_N: Tensor, row_of_pair_N: Tensor, token_N: Tens
         raise ValueError(f"top_k={top_k} needs N = T*K = {num_tokens * top_k} pairs, got {N}")
     if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1):
         raise ValueError(f"max_pairs must be None or a positive int, got {max_pairs!r}")
-    if N and not torch.compiler.is_compiling() and (token_N.device.type == "cpu" or debug_checks()):
+    if (check_indices and N and not torch.compiler.is_compiling()
+            and (token_N.device.type == "cpu" or debug_checks())):
         _check_pair_indices(row_of_pair_N, token_N, int(num_tokens))
     return _combine(h_ND.contiguous(), weight_N.contiguous(), row_of_pair_N.long(), token_N.long(), int(num_tokens),
                     int(top_k or 0), op_backend(backend, h_ND.device), int(max_pairs or 0))
