@@ -127,3 +127,15 @@ def recorded_steps(crash_at=None):
         yield steps
     finally:
         train_module.get_batch = real
+
+
+def half_expert_routing(T: int, E: int, K: int, variable: bool, g: torch.Generator):
+    """Pairs in token order over the first max(E//2, K) experts only (the rest get no pair): K distinct experts
+    per token, or 0..K when ``variable``. Returns int64 token_N, expert_N."""
+    token, expert = [], []
+    for t in range(T):
+        k = int(torch.randint(0, K + 1, (1,), generator=g)) if variable else K
+        for e in torch.randperm(max(E // 2, K), generator=g)[:k].tolist():
+            token.append(t)
+            expert.append(e)
+    return torch.tensor(token, dtype=torch.long), torch.tensor(expert, dtype=torch.long)

@@ -18,6 +18,8 @@ import torch
 
 from moe_routing.ops import cuda_ext
 
+from helpers import half_expert_routing
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
@@ -180,13 +182,7 @@ def _emu_routing(T: int, E: int, K: int, variable: bool, gen: torch.Generator):
     per token, or 0..K when ``variable``. Returns token_N, pair_of_row_N, row_of_pair_N, token_offsets_T1."""
     from moe_routing.ops import invert_permutation, sort_by_expert
 
-    token, expert = [], []
-    for t in range(T):
-        k = int(torch.randint(0, K + 1, (1,), generator=gen)) if variable else K
-        for e in torch.randperm(max(E // 2, K), generator=gen)[:k].tolist():
-            token.append(t)
-            expert.append(e)
-    token_N, expert_N = torch.tensor(token, dtype=torch.long), torch.tensor(expert, dtype=torch.long)
+    token_N, expert_N = half_expert_routing(T, E, K, variable, gen)
     pair_of_row_N, counts_E, _ = sort_by_expert(expert_N, E, "torch")
     assert (counts_E == 0).any()  # zero-token experts are part of every case
     offsets = torch.nn.functional.pad(torch.bincount(token_N, minlength=T).cumsum(0), (1, 0))

@@ -17,7 +17,7 @@ from moe_routing.ops import combine, cuda_ext, invert_permutation, permute, sort
 from moe_routing.ops.combine import _combine_backward
 from moe_routing.ops.topk_softmax import topk_softmax
 
-from helpers import backend_results
+from helpers import backend_results, gen, half_expert_routing
 
 SCHEMAS = {
     "permute": "moe_routing_cuda::permute(Tensor x, Tensor src_token) -> Tensor",
@@ -41,21 +41,9 @@ def ops(emu):
         yield torch.ops.moe_routing_cuda
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def routing(T: int, E: int, K: int, variable: bool, seed: int):
-    """Pairs in token order (K distinct experts per token, or 0..K when ``variable``); the experts >= E//2 + K
-    get none. Returns token_N, expert_N."""
-    g = gen(seed)
-    token, expert = [], []
-    for t in range(T):
-        k = int(torch.randint(0, K + 1, (1,), generator=g)) if variable else K
-        for e in torch.randperm(max(E // 2, K), generator=g)[:k].tolist():
-            token.append(t)
-            expert.append(e)
-    return torch.tensor(token, dtype=torch.long), torch.tensor(expert, dtype=torch.long)
+    """`helpers.half_expert_routing` from a seed: the experts >= max(E//2, K) get no pair."""
+    return half_expert_routing(T, E, K, variable, gen(seed))
 
 
 def test_registered_names_and_schemas(ops):
