@@ -70,7 +70,9 @@ class RoutingDecision:
         if chosen or self.balance_experts_TK is None:
             return self.token_N, self.expert_N
         T, K = self.balance_experts_TK.shape
-        token_N = torch.arange(T, device=self.balance_experts_TK.device).repeat_interleave(K)
+        # a fixed-k decision with the same K already holds the token of each pair t*K + j
+        token_N = (self.token_N if self.top_k == K
+                   else torch.arange(T, device=self.balance_experts_TK.device).repeat_interleave(K))
         return token_N, self.balance_experts_TK.reshape(-1)
 
     @property

@@ -18,6 +18,12 @@ _FLOOR_ULPS = 64   # a row error below this many ulps of the dtype is rounding n
 _STALL_ITERS = 10  # iterations without a new best row error before the loop stops at the floor
 
 
+def _check_stop_rule(stop_rule: str) -> str:
+    if stop_rule not in STOP_RULES:
+        raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {stop_rule!r}")
+    return stop_rule
+
+
 @torch.no_grad()
 def sinkhorn(logits_TE: Tensor, valid_T: Optional[Tensor] = None, tol: float = 1e-4,
              max_iters: int = 100, stop_rule: str = "rows") -> tuple[Tensor, int, float]:
@@ -56,8 +62,7 @@ def sinkhorn(logits_TE: Tensor, valid_T: Optional[Tensor] = None, tol: float = 1
     if tol < floor:
         warnings.warn(f"sinkhorn tol={tol:g} is below what {L.dtype} resolves (~{floor:.1g}); it stops when the "
                       "row error stops improving instead", UserWarning, stacklevel=3)
-    if stop_rule not in STOP_RULES:
-        raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {stop_rule!r}")
+    _check_stop_rule(stop_rule)
     err, best, stalled, it = math.inf, math.inf, 0, 0
     for it in range(1, max_iters + 1):
         prev_col = log_col
@@ -109,9 +114,7 @@ class SinkhornRouter(GatedRouter):
                          dtype=dtype)
         self.tol = check_float("tol", tol, 0.0, low_inclusive=False)
         self.max_iters = check_int("max_iters", max_iters, 1)
-        if stop_rule not in STOP_RULES:
-            raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {stop_rule!r}")
-        self.stop_rule = stop_rule
+        self.stop_rule = _check_stop_rule(stop_rule)
         self.scores_normalized = top_k != 1
 
     def extra_repr(self) -> str:
