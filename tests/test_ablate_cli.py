@@ -141,3 +141,27 @@ def test_bad_argument_types(capsys):
     with pytest.raises(ValueError, match="top_k must be <= num_experts"):
         get_preset("smoke", top_k=9)
     assert set(ROUTER_BUILDERS) == {"dense", "topk", "relu", "rmoe", "topk+erc", "topk+dpsl"}
+
+
+def test_describe_prints_settings_and_parameter_counts_without_data(tmp_path, capsys, monkeypatch):
+    def no_corpus(*args, **kwargs):
+        raise AssertionError("--describe must not read data")
+
+    monkeypatch.setattr(cli, "load_corpus", no_corpus)
+    assert cli.main(["--preset", "remoe-182m", "--routers", "dense,topk", "--describe",
+                     "--out", str(tmp_path / "x")]) == 0
+    out = capsys.readouterr().out
+    assert "n_kv_heads: 4" in out and "rope_base: 1000000.0" in out and "padded to 51200" in out
+    assert "dense: parameters: total 182.47M, active 182.47M" in out
+    assert "topk: parameters: total 777.09M, active 182.55M" in out
+    assert not (tmp_path / "x").exists()
+
+
+def test_big_preset_refuses_the_small_default_corpus(tmp_path, capsys):
+    assert cli.main(["--preset", "remoe-182m", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "preset remoe-182m is a recipe for a real corpus" in err and "--data PATH" in err
+    assert "--allow-small-data" in err and not (tmp_path / "x").exists()
+    # with the corpus allowed, the next thing it asks for is GPT-2's tokenizer
+    assert cli.main(["--preset", "remoe-182m", "--allow-small-data", "--out", str(tmp_path / "x")]) == 2
+    assert "this preset uses GPT-2's BPE: pass --tokenizer PATH" in capsys.readouterr().err

@@ -40,17 +40,19 @@ def test_moe_with_one_expert_equals_dense_model():
                                rtol=1e-10, atol=1e-12)
 
 
-def _naive_attention(x_SD, qkv_w, out_w, H):
-    """Per-position loop in float64: RoPE on pairs (i, i + Dh/2), causal softmax attention."""
+def _naive_attention(x_SD, qkv_w, out_w, H, Hkv=None, base=10000.0):
+    """Per-position loop in float64: RoPE on pairs (i, i + Dh/2), causal softmax attention; query head h reads
+    K/V head h // (H / Hkv) (grouped-query attention)."""
     S, D = x_SD.shape
     Dh = D // H
+    Hkv = H if Hkv is None else Hkv
     qkv = x_SD @ qkv_w.t()
-    q, k, v = qkv[:, :D], qkv[:, D:2 * D], qkv[:, 2 * D:]
+    q, k, v = qkv[:, :D], qkv[:, D:D + Hkv * Dh], qkv[:, D + Hkv * Dh:]
 
     def rot(vec, pos):
         out = vec.clone()
         for i in range(Dh // 2):
-            theta = pos * 10000.0 ** (-2.0 * i / Dh)
+            theta = pos * base ** (-2.0 * i / Dh)
             a, b = vec[i], vec[i + Dh // 2]
             out[i] = a * math.cos(theta) - b * math.sin(theta)
             out[i + Dh // 2] = a * math.sin(theta) + b * math.cos(theta)
@@ -61,10 +63,12 @@ def _naive_attention(x_SD, qkv_w, out_w, H):
         heads = []
         for h in range(H):
             sl = slice(h * Dh, (h + 1) * Dh)
+            g = h // (H // Hkv)
+            kv = slice(g * Dh, (g + 1) * Dh)
             qs = rot(q[s, sl], s)
-            scores = torch.stack([qs @ rot(k[t, sl], t) / math.sqrt(Dh) for t in range(s + 1)])
+            scores = torch.stack([qs @ rot(k[t, kv], t) / math.sqrt(Dh) for t in range(s + 1)])
             p = scores.softmax(0)
-            heads.append(sum(p[t] * v[t, sl] for t in range(s + 1)))
+            heads.append(sum(p[t] * v[t, kv] for t in range(s + 1)))
         rows.append(torch.cat(heads))
     return torch.stack(rows) @ out_w.t()
 
@@ -79,6 +83,31 @@ def test_attention_matches_naive_loop():
         torch.testing.assert_close(y[b], ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("H, Hkv, base", [(6, 2, 1e6), (6, 1, 10000.0), (6, 3, 500.0)])
+def test_grouped_query_attention_and_rope_base_match_naive_loop(H, Hkv, base):
+    torch.manual_seed(2)
+    attn = CausalSelfAttention(24, H, 8, n_kv_heads=Hkv, rope_base=base).double()
+    assert attn.qkv.weight.shape == ((H + 2 * Hkv) * 4, 24)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    y = attn(x)
+    for b in range(2):
+        ref = _naive_attention(x[b], attn.qkv.weight.detach(), attn.out.weight.detach(), H, Hkv, base)
+        torch.testing.assert_close(y[b], ref, rtol=1e-10, atol=1e-12)
+    attn.float()  # the float32 path uses the buffered tables built with the same base
+    torch.testing.assert_close(attn(x.float()).double(), y, rtol=1e-4, atol=1e-5)
+
+
+def test_untied_embeddings_have_their_own_output_matrix():
+    model = TinyLM(10, 8, 2, 8, [SwiGLU(8, 8)], tie_embeddings=False)
+    assert model.lm_head.weight.shape == (10, 8)
+    assert model.lm_head.weight.data_ptr() != model.embed.weight.data_ptr()
+    ids = torch.tensor([[1, 2, 3]])
+    x = model.norm(model.blocks[0](model.embed(ids)))
+    torch.testing.assert_close(model(ids), x @ model.lm_head.weight.t())
+    model(ids).sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
 def test_model_bad_arguments():
     with pytest.raises(ValueError, match="hidden_size=30 must split into n_heads=4"):
         TinyLM(10, 30, 4, 8, [SwiGLU(30, 8)])
@@ -86,6 +115,12 @@ def test_model_bad_arguments():
         TinyLM(0, 8, 2, 8, [SwiGLU(8, 8)])
     with pytest.raises(TypeError, match="ffns must be a non-empty sequence"):
         TinyLM(10, 8, 2, 8, [])
+    with pytest.raises(ValueError, match="n_kv_heads must be a positive int dividing n_heads=4, got 3"):
+        TinyLM(10, 16, 4, 8, [SwiGLU(16, 8)], n_kv_heads=3)
+    with pytest.raises(ValueError, match="rope_base must be a finite number > 1, got nan"):
+        TinyLM(10, 16, 4, 8, [SwiGLU(16, 8)], rope_base=float("nan"))
+    with pytest.raises(TypeError, match="tie_embeddings must be a bool"):
+        TinyLM(10, 16, 4, 8, [SwiGLU(16, 8)], tie_embeddings=1)
     model = TinyLM(10, 8, 2, 8, [SwiGLU(8, 8)])
     with pytest.raises(ValueError, match=r"ids must have shape \[B, S<=8\], got \(1, 9\)"):
         model(torch.zeros(1, 9, dtype=torch.long))
@@ -104,6 +139,21 @@ def test_count_params_by_hand():
     assert active == shared + L * (E * D + k * 3 * D * F_)
     dense = build_model(p, "dense", 0, 256)
     assert count_params(dense, p.top_k) == (shared + L * 3 * D * k * F_,) * 2
+
+
+def test_remoe_182m_matches_the_paper_count():
+    """ReMoE's 182M LLaMA setting: D=768, 12 layers, GQA with 4 K/V groups, untied GPT-2 vocabulary padded to
+    51,200, SwiGLU FFN 3072: 182.47M parameters for the dense model and the active part of the k=1 MoE."""
+    p = get_preset("remoe-182m")
+    assert p.padded_vocab(50257) == 51200
+    with torch.device("meta"):
+        dense = build_model(p, "dense", 0, 50257)
+        moe = build_model(p, "topk", 0, 50257)
+    D, L, V, F_, E = 768, 12, 51200, 3072, 8
+    attn = D * (D + 2 * 4 * 64) + D * D
+    shared = 2 * V * D + L * (attn + 2 * D) + D
+    assert count_params(dense, 1) == (shared + L * 3 * D * F_,) * 2 == (182_471_424,) * 2
+    assert count_params(moe, 1) == (shared + L * (E * D + 3 * D * F_), shared + L * (E * D + E * 3 * D * F_))
 
 
 def test_same_seed_pairs_shared_init_across_routers():

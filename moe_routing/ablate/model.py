@@ -50,28 +50,48 @@ def apply_rope(x_BHSd: Tensor, cos_Sd: Tensor, sin_Sd: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention with RoPE; SDPA (or flash-attn on CUDA half precision when importable)."""
+    """Causal attention with RoPE and grouped K/V heads; SDPA (or flash-attn on CUDA half precision).
 
-    def __init__(self, hidden_size: int, n_heads: int, max_seq_len: int) -> None:
+    ``n_kv_heads`` K/V heads (default ``n_heads``: multi-head attention) each serve ``n_heads / n_kv_heads``
+    query heads (GQA, Megatron's ``--num-query-groups``). One projection produces Q [H*Dh], K and V [Hkv*Dh] each.
+    """
+
+    def __init__(self, hidden_size: int, n_heads: int, max_seq_len: int, n_kv_heads: Optional[int] = None,
+                 rope_base: float = 10000.0) -> None:
         super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if not isinstance(n_kv_heads, int) or isinstance(n_kv_heads, bool) or n_kv_heads < 1 \
+                or n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads must be a positive int dividing n_heads={n_heads}, got {n_kv_heads!r}")
+        if not isinstance(rope_base, (int, float)) or isinstance(rope_base, bool) or not math.isfinite(rope_base) \
+                or rope_base <= 1:
+            raise ValueError(f"rope_base must be a finite number > 1, got {rope_base!r}")
+        self.n_heads, self.n_kv_heads, self.rope_base = n_heads, n_kv_heads, float(rope_base)
+        head_dim = hidden_size // n_heads
+        self.qkv = nn.Linear(hidden_size, (n_heads + 2 * n_kv_heads) * head_dim, bias=False)
         self.out = nn.Linear(hidden_size, hidden_size, bias=False)
-        cos, sin = rope_tables(max_seq_len, hidden_size // n_heads)
+        cos, sin = rope_tables(max_seq_len, head_dim, self.rope_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x_BSD: Tensor) -> Tensor:
         S = x_BSD.shape[1]
-        q, k, v = rearrange(self.qkv(x_BSD), "b s (three h d) -> three b h s d", three=3, h=self.n_heads)
+        Hq, Hkv = self.n_heads, self.n_kv_heads
+        q, k, v = self.qkv(x_BSD).split([self.out.in_features, *(self.out.in_features * Hkv // Hq,) * 2], dim=-1)
+        q = rearrange(q, "b s (h d) -> b h s d", h=Hq)
+        k, v = (rearrange(t, "b s (h d) -> b h s d", h=Hkv) for t in (k, v))
         cos, sin = self.cos[:S], self.sin[:S]
         if q.dtype == torch.float64:  # the float32 tables would limit a float64 model to float32 accuracy
-            cos, sin = (t.to(q.device, torch.float64) for t in rope_tables(S, q.shape[-1], dtype=torch.float64))
+            cos, sin = (t.to(q.device, torch.float64)
+                        for t in rope_tables(S, q.shape[-1], self.rope_base, dtype=torch.float64))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            # flash-attn takes fewer K/V heads than query heads as they are (GQA)
             o = _flash_attn_func(*(rearrange(t, "b h s d -> b s h d") for t in (q, k, v)), causal=True)
             o = rearrange(o, "b s h d -> b s (h d)")
         else:
+            if Hkv != Hq:  # query head h reads K/V group h // (Hq / Hkv)
+                k, v = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
             o = rearrange(F.scaled_dot_product_attention(q, k, v, is_causal=True), "b h s d -> b s (h d)")
         return self.out(o)
 
@@ -103,6 +123,8 @@ class TinyLM(nn.Module):
         shared: a module the FFNs share (e.g. the recurrent router's GRU), registered here so it is trained
             and checkpointed.
         tie_embeddings: the output projection reuses the embedding matrix (one [V, D] tensor).
+        n_kv_heads: K/V heads of grouped-query attention (None: ``n_heads``, multi-head attention).
+        rope_base: RoPE frequency base (1e4 as in RoFormer; 1e6 in ReMoE's LLaMA setting).
         init_std: std of the normal init of every matrix except router weights (which keep their own init).
         seed: init seed. Embeddings and attention draw from one generator and FFNs from another, so two models
             with the same seed and different routers start with identical embeddings and attention.
@@ -110,7 +132,7 @@ class TinyLM(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, n_heads: int, max_seq_len: int, ffns: Sequence[nn.Module],
                  shared: Optional[nn.Module] = None, tie_embeddings: bool = True, init_std: float = 0.02,
-                 seed: int = 0) -> None:
+                 seed: int = 0, n_kv_heads: Optional[int] = None, rope_base: float = 10000.0) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("n_heads", n_heads),
                             ("max_seq_len", max_seq_len)):
@@ -118,11 +140,14 @@ class TinyLM(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if hidden_size % n_heads or (hidden_size // n_heads) % 2:
             raise ValueError(f"hidden_size={hidden_size} must split into n_heads={n_heads} heads of even size")
+        if not isinstance(tie_embeddings, bool):
+            raise TypeError(f"tie_embeddings must be a bool, got {tie_embeddings!r}")
         if not ffns or not all(isinstance(f, nn.Module) for f in ffns):
             raise TypeError(f"ffns must be a non-empty sequence of nn.Module (one per layer), got {ffns!r}")
         self.embed = nn.Embedding(vocab_size, hidden_size)
-        self.blocks = nn.ModuleList(Block(CausalSelfAttention(hidden_size, n_heads, max_seq_len), ffn, hidden_size)
-                                    for ffn in ffns)
+        self.blocks = nn.ModuleList(
+            Block(CausalSelfAttention(hidden_size, n_heads, max_seq_len, n_kv_heads, rope_base), ffn, hidden_size)
+            for ffn in ffns)
         self.shared = shared
         self.norm = nn.RMSNorm(hidden_size)
         self.lm_head = None if tie_embeddings else nn.Linear(hidden_size, vocab_size, bias=False)
@@ -133,6 +158,8 @@ class TinyLM(nn.Module):
     def reset_parameters(self, init_std: float, seed: int) -> None:
         """Normal(0, init_std) for every matrix outside the routers (which keep the init their builder drew
         from a seeded generator); norm scales stay 1; residual-output projections scaled by 1/sqrt(2L)."""
+        if any(p.is_meta for p in self.parameters()):
+            return  # a model built on the meta device only to be measured (`moe-ablate --describe`)
         g_shared = torch.Generator().manual_seed(2 * seed)
         g_ffn = torch.Generator().manual_seed(2 * seed + 1)
         for name, p in self.named_parameters():

@@ -89,10 +89,13 @@ def check_router_names(names: list[str]) -> None:
 
 
 def build_model(p: Preset, router: str, seed: int, vocab_size: int) -> TinyLM:
-    """The preset's LM with ``router``'s FFNs, initialised from ``seed`` (ValueError for an unknown router)."""
+    """The preset's LM with ``router``'s FFNs, initialised from ``seed`` (ValueError for an unknown router).
+
+    ``vocab_size`` is the tokenizer's; the model holds ``p.padded_vocab(vocab_size)`` rows (never emitted ids)."""
     check_router_names([router])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1_000_003 * seed + 7)  # router inits (their constructors draw from the global RNG)
         ffns, shared = ROUTER_BUILDERS[router](p)
-    return TinyLM(vocab_size, p.d_model, p.n_heads, p.seq_len, ffns, shared=shared,
-                  tie_embeddings=p.tie_embeddings, init_std=p.init_std, seed=seed)
+    return TinyLM(p.padded_vocab(vocab_size), p.d_model, p.n_heads, p.seq_len, ffns, shared=shared,
+                  tie_embeddings=p.tie_embeddings, init_std=p.init_std, seed=seed, n_kv_heads=p.kv_heads,
+                  rope_base=p.rope_base)
