@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from moe_routing.ablate import cli
+from moe_routing.ablate.checkpoint import atomic_write_checked_json, read_checked_json
 from moe_routing.ablate.config import get_preset
 from moe_routing.ablate.registry import ROUTER_BUILDERS, check_router_names
 
@@ -165,3 +166,23 @@ def test_big_preset_refuses_the_small_default_corpus(tmp_path, capsys):
     # with the corpus allowed, the next thing it asks for is GPT-2's tokenizer
     assert cli.main(["--preset", "remoe-182m", "--allow-small-data", "--out", str(tmp_path / "x")]) == 2
     assert "this preset uses GPT-2's BPE: pass --tokenizer PATH" in capsys.readouterr().err
+
+
+def test_verify_reruns_a_finished_run_bitwise_and_names_the_first_divergent_step(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert cli.main(["--preset", "smoke", "--routers", "topk", "--seeds", "0", "--steps", "6", "--out", str(out),
+                     "--no-progress", "--no-plots"]) == 0
+    run_dir = out / "topk" / "seed0"
+    capsys.readouterr()
+    assert cli.main(["--verify", str(run_dir), "--no-progress"]) == 0
+    assert "bitwise identical" in capsys.readouterr().out
+    # a recorded loss from step 4 on that the code cannot reproduce: reported as the first divergent step
+    result = read_checked_json(run_dir / "result.json", ["train_losses"], "")
+    result["train_losses"][3] += 1e-3
+    result["final_val_loss"] += 1e-3
+    atomic_write_checked_json(run_dir / "result.json", result)
+    assert cli.main(["--verify", str(run_dir), "--no-progress"]) == 1
+    text = capsys.readouterr().out
+    assert "DIFFERS" in text and "first training loss that differs: step 4" in text and "final_val_loss" in text
+    assert cli.main(["--verify", str(tmp_path / "nothing")]) == 2
+    assert "result.json not found" in capsys.readouterr().err

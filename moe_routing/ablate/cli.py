@@ -15,13 +15,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .checkpoint import remove_stale_temporaries
-from .config import EVAL_BATCH, PRESETS, Preset, get_preset
-from .data import (Corpus, check_split_sizes, check_tokenizer_spec, encode_docs, load_corpus, make_tokenizer,
-                   val_batches)
+from .config import PRESETS, Preset, get_preset
+from .data import Corpus, check_tokenizer_spec, load_corpus
 from .lock import FolderInUseError, folder_lock
 from .registry import ROUTER_BUILDERS, check_router_names
 from .results import aggregate, format_table, write_results
-from .train import Data, library_digest, train_run
+from .train import library_digest, load_data, train_run
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -73,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run a preset that needs a real corpus (remoe-182m) on the small default corpus anyway")
     ap.add_argument("--describe", action="store_true",
                     help="print the resolved settings and parameter counts, then exit (no data, no training)")
+    ap.add_argument("--verify", metavar="RUN_DIR",
+                    help="retrain one finished run (e.g. runs/ablate-quick/topk/seed0) from scratch and check its "
+                         "recorded metrics bitwise; exit 1 naming the first differing step if they differ")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return ap
@@ -87,7 +89,7 @@ def _text_arg(name: str, value: Optional[str]) -> Optional[str]:
 
 def run(args: argparse.Namespace) -> dict:
     """Validate everything first, then train each (router, seed), aggregate, write results and plots."""
-    for name in ("preset", "routers", "out", "data", "tokenizer", "device"):
+    for name in ("preset", "routers", "out", "data", "tokenizer", "device", "verify"):
         _text_arg(f"--{name}", getattr(args, name))
     routers = tuple(r.strip() for r in args.routers.split(",") if r.strip()) if args.routers is not None else None
     if routers is not None:
@@ -105,17 +107,24 @@ def run(args: argparse.Namespace) -> dict:
 
         print("\n".join(describe(preset)))
         return {}
-    if preset.needs_corpus and args.data is None and not args.allow_small_data:
-        tokens = preset.global_batch * preset.seq_len * preset.steps
-        raise ValueError(f"preset {preset.name} is a recipe for a real corpus ({tokens:,} training tokens as set); "
-                         "the default corpus (Shakespeare, ~5 MB of text) would be repeated over and over: give "
-                         "--data PATH (or --allow-small-data to run it anyway)")
     if device.type not in ("cpu", "cuda"):  # e.g. meta: accepted by torch.device, fails deep in training
         raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if args.verify is not None:
+        from .verify import verify_run
+
+        report = verify_run(Path(args.verify), args.data, args.tokenizer, str(device), not args.no_progress,
+                            args.threads or 0)
+        print("\n".join(report.lines()))
+        return {"verify": report}
+    if preset.needs_corpus and args.data is None and not args.allow_small_data:
+        tokens = preset.global_batch * preset.seq_len * preset.steps
+        raise ValueError(f"preset {preset.name} is a recipe for a real corpus ({tokens:,} training tokens as set); "
+                         "the default corpus (Shakespeare, ~5 MB of text) would be repeated over and over: give "
+                         "--data PATH (or --allow-small-data to run it anyway)")
     out = Path(args.out if args.out is not None else f"runs/ablate-{preset.name}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
@@ -130,15 +139,12 @@ def run(args: argparse.Namespace) -> dict:
 def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: Path, corpus: Corpus) -> dict:
     """Train every (router, seed), then aggregate and write results and plots (``out`` is locked)."""
     remove_stale_temporaries(out)
-    tok = make_tokenizer(preset.tokenizer, corpus, preset.bpe_vocab, out / "tokenizer-cache")
-    train_N, val_N = encode_docs(tok, corpus.train_docs), encode_docs(tok, corpus.val_docs)
-    check_split_sizes(corpus, train_N, val_N, preset.seq_len)
-    data = Data(train_N, val_N, val_batches(val_N, preset.eval_batches, EVAL_BATCH, preset.seq_len),
-                tok.vocab_size, tok.name)
+    data = load_data(preset, corpus, out / "tokenizer-cache")
+    train_N, val_N = data.train_N, data.val_N
     print(f"moe-ablate: preset {preset.name}: D={preset.d_model} L={preset.n_layers} E={preset.num_experts} "
           f"k={preset.top_k} F={preset.expert_hidden} seq={preset.seq_len} batch={preset.global_batch} "
           f"steps={preset.steps}; data {corpus.source}: {train_N.numel()} train / {val_N.numel()} val tokens "
-          f"({tok.name}); out {out}", flush=True)
+          f"({data.tokenizer}); out {out}", flush=True)
 
     digest = library_digest()
     runs, t0 = [], time.perf_counter()
@@ -152,7 +158,7 @@ def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: 
     rows = aggregate(runs)
     meta = {"preset": preset.fingerprint() | {"name": preset.name, "seeds": list(preset.seeds),
                                               "routers": list(preset.routers)},
-            "data": corpus.source, "val_docs": corpus.val_names, "tokenizer": tok.name,
+            "data": corpus.source, "val_docs": corpus.val_names, "tokenizer": data.tokenizer,
             "train_tokens": train_N.numel(), "val_tokens": val_N.numel(), "device": str(device),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                        f"{preset.threads or torch.get_num_threads()} torch threads",
@@ -174,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        run(args)
+        outcome = run(args)
     except (ValueError, OSError, FolderInUseError) as e:  # OSError: FileNotFoundError, a full disk
         print(f"moe-ablate: error: {e}", file=sys.stderr)
         return 2
@@ -182,4 +188,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("moe-ablate: interrupted; rerun the same command to resume from the last checkpoints",
               file=sys.stderr)
         return 130
+    if "verify" in outcome and not outcome["verify"].identical:
+        return 1
     return 0

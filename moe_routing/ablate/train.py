@@ -19,8 +19,8 @@ from ..metrics import max_violation
 from ..routers.relu import ReLURouter
 from .checkpoint import (atomic_write_checked_json, read_checked_json, read_checkpoint, remove_stale_temporaries,
                          restore_checkpoint, save_checkpoint)
-from .config import Preset
-from .data import _mix, get_batch
+from .config import EVAL_BATCH, Preset
+from .data import Corpus, _mix, check_split_sizes, encode_docs, get_batch, make_tokenizer, val_batches
 from .lock import folder_lock
 from .model import count_params, ffn_flops_per_token
 from .registry import build_model
@@ -54,6 +54,15 @@ class Data:
             h.update(str(t.dtype).encode())
             h.update(t.contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def load_data(p: Preset, corpus: Corpus, cache_dir: Path) -> Data:
+    """Tokenize both splits with the preset's tokenizer (a BPE is trained on the training split and cached in
+    ``cache_dir``), check each split holds a window, and draw the fixed validation batches."""
+    tok = make_tokenizer(p.tokenizer, corpus, p.bpe_vocab, cache_dir)
+    train_N, val_N = encode_docs(tok, corpus.train_docs), encode_docs(tok, corpus.val_docs)
+    check_split_sizes(corpus, train_N, val_N, p.seq_len)
+    return Data(train_N, val_N, val_batches(val_N, p.eval_batches, EVAL_BATCH, p.seq_len), tok.vocab_size, tok.name)
 
 
 def make_optimizer(model: nn.Module, p: Preset) -> torch.optim.AdamW:
@@ -282,6 +291,9 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
               "val_curve": state["val_curve"], "train_losses": state["train_losses"], "history": state["history"],
               "tokens_per_s": state["tokens"] / max(state["train_time_s"], 1e-9),
               "train_time_s": state["train_time_s"], "active_params": active, "total_params": total,
+              # not part of the fingerprint (a resume may use other threads), but CPU sums round differently
+              # with another thread count: `--verify` reruns with this one
+              "torch_threads": torch.get_num_threads(),
               "experts_per_token_train_avg": state["ept_sum"] / n,
               "expert_flops_per_token_train_avg": state["flops_sum"] / n,
               **{f"final_{k}": v for k, v in final.items() if k != "val_loss"}}
