@@ -29,7 +29,7 @@ def _check_outputs(out: Path, routers: list[str], seeds: list[int]) -> dict:
         assert float(r["tokens_per_s"]) > 0 and int(r["active_params"]) <= int(r["total_params"])
     results = json.loads((out / "results.json").read_text())
     assert [r["router"] for r in results["routers"]] == routers
-    for png in ("val_loss.png", "expert_load.png", "remoe_controller.png"):
+    for png in ("val_loss.png", "val_loss_vs_compute.png", "expert_load.png", "remoe_controller.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for router in routers:
         for seed in seeds:
@@ -37,6 +37,9 @@ def _check_outputs(out: Path, routers: list[str], seeds: list[int]) -> dict:
                 assert json.loads(f.metadata()["run_state"])["step"] == 20
                 assert "rng/torch" in f.keys() and any(k.startswith("optim/") for k in f.keys())
     assert not list(out.rglob(".*tmp*"))  # atomic writes leave no temporaries
+    for run in results["runs"]:  # expert compute before each evaluation: grows, one value per evaluation
+        flops = run["val_compute_curve"]
+        assert len(flops) == len(run["val_curve"]) and all(b > a > 0 for a, b in zip(flops, flops[1:]))
     return results
 
 

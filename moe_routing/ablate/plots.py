@@ -40,6 +40,29 @@ def plot_val_curves(runs: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_val_vs_compute(runs: list[dict], path: Path) -> Path:
+    """Validation loss against cumulative forward expert FLOPs (iso-compute view), one line per run: a router
+    that spends more expert compute per token moves right, so equal-compute comparisons read off vertically."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors: dict[str, str] = {}
+    for r in runs:
+        flops = r.get("val_compute_curve") or []
+        if len(flops) != len(r["val_curve"]) or not flops:
+            continue
+        label = None if r["router"] in colors else r["router"]
+        line, = ax.plot(flops, [v for _, v in r["val_curve"]], color=colors.get(r["router"]), label=label,
+                        alpha=0.8, lw=1.2)
+        colors.setdefault(r["router"], line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative forward expert FLOPs (all training tokens)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Validation loss at equal expert compute (one line per seed)")
+    if colors:
+        ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
 def plot_load_heatmaps(runs: list[dict], path: Path) -> Path:
     """Final per-layer fraction of routed pairs per expert on the validation set (first seed of each router)."""
     first: dict[str, dict] = {}
@@ -97,5 +120,7 @@ def plot_relu_controller(runs: list[dict], path: Path) -> Path:
 
 def make_plots(runs: list[dict], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
-    return [plot_val_curves(runs, out_dir / "val_loss.png"), plot_load_heatmaps(runs, out_dir / "expert_load.png"),
+    return [plot_val_curves(runs, out_dir / "val_loss.png"),
+            plot_val_vs_compute(runs, out_dir / "val_loss_vs_compute.png"),
+            plot_load_heatmaps(runs, out_dir / "expert_load.png"),
             plot_relu_controller(runs, out_dir / "remoe_controller.png")]

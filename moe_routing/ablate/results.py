@@ -8,9 +8,16 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import atomic_write_json, atomic_write_text
+from .stats import iso_compute_diff, paired_stats
+
+BASELINE = "topk"
+# the claim each router's paper makes against TopK (-1: lower validation loss); the dense FFN of equal active
+# parameters is expected to lose to TopK (+1)
+CLAIM_SIGN = {"dense": 1}
 
 COLUMNS = ["router", "seeds", "val_loss_mean", "val_loss_std", "val_loss_min", "val_loss_max", "delta_vs_topk",
-           "delta_vs_topk_std",
+           "delta_vs_topk_std", "delta_ci95_lo", "delta_ci95_hi", "delta_mde", "verdict", "iso_delta_vs_topk",
+           "iso_ci95_lo", "iso_ci95_hi", "iso_verdict",
            "tokens_per_s", "active_params", "total_params", "experts_per_token_train_avg",
            "expert_mflops_per_token_train_avg", "final_experts_per_token", "final_sparsity", "final_max_vio",
            "final_routing_entropy"]
@@ -27,11 +34,11 @@ def aggregate(runs: list[dict]) -> list[dict]:
     by_router: dict[str, list[dict]] = {}
     for r in runs:
         by_router.setdefault(r["router"], []).append(r)
-    topk = {r["seed"]: r["final_val_loss"] for r in by_router.get("topk", [])}
+    topk = {r["seed"]: r for r in by_router.get(BASELINE, [])}
     rows = []
     for name, rs in by_router.items():
         losses = [r["final_val_loss"] for r in rs]
-        paired = [r["final_val_loss"] - topk[r["seed"]] for r in rs if r["seed"] in topk]
+        paired = [r["final_val_loss"] - topk[r["seed"]]["final_val_loss"] for r in rs if r["seed"] in topk]
         rows.append({
             "router": name, "seeds": len(rs),
             "val_loss_mean": _mean(losses), "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
@@ -47,8 +54,25 @@ def aggregate(runs: list[dict]) -> list[dict]:
             "final_sparsity": _mean([r["final_sparsity"] for r in rs if r.get("final_max_vio") is not None]),
             "final_max_vio": _mean([r["final_max_vio"] for r in rs]),
             "final_routing_entropy": _mean([r["final_routing_entropy"] for r in rs]),
+            **(_claim_columns(name, rs, topk) if name != BASELINE else {}),
         })
     return rows
+
+
+def _claim_columns(name: str, rs: list[dict], baseline: dict[int, dict]) -> dict:
+    """Paired 95% interval, minimal detectable effect and verdict of the difference to the baseline, at the
+    end of training and at equal expert compute."""
+    sign = CLAIM_SIGN.get(name, -1)
+    out: dict = {}
+    pairs = [(r, baseline[r["seed"]]) for r in rs if r["seed"] in baseline]
+    if pairs:
+        st = paired_stats([r["final_val_loss"] - b["final_val_loss"] for r, b in pairs])
+        out.update(delta_ci95_lo=st.lo, delta_ci95_hi=st.hi, delta_mde=st.mde, verdict=st.verdict(sign))
+    iso = [iso_compute_diff(r, b) for r, b in pairs]
+    if iso and all(d is not None for d in iso):
+        st = paired_stats(iso)
+        out.update(iso_delta_vs_topk=st.mean, iso_ci95_lo=st.lo, iso_ci95_hi=st.hi, iso_verdict=st.verdict(sign))
+    return out
 
 
 def _fmt(v) -> str:
@@ -59,16 +83,25 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _interval(lo: Optional[float], hi: Optional[float]) -> str:
+    return "-" if lo is None or hi is None else f"[{lo:+.4f}, {hi:+.4f}]"
+
+
 def format_table(rows: list[dict]) -> str:
-    """A printable summary: val loss mean +/- std over seeds, the same-seed difference to topk (mean +/- std),
-    next to throughput, parameters, compute actually used, sparsity and balance."""
-    head = ["router", "seeds", "val loss (mean +/- std)", "paired d vs topk", "tok/s", "active", "total",
-            "exp/tok(train)", "MFLOP/tok", "sparsity", "MaxVio", "entropy"]
+    """A printable summary: val loss mean +/- std over seeds, the same-seed difference to topk (mean +/- std,
+    95% interval, minimal detectable effect, verdict; then at equal expert compute), next to throughput, parameters, compute actually used, sparsity and balance."""
+    head = ["router", "seeds", "val loss (mean +/- std)", "paired d vs topk", "95% CI", "MDE", "verdict",
+            "d at equal compute [95% CI]", "verdict (compute)", "tok/s", "active", "total", "exp/tok(train)",
+            "MFLOP/tok", "sparsity", "MaxVio", "entropy"]
     body = []
     for r in rows:
         body.append([r["router"], str(r["seeds"]), f"{r['val_loss_mean']:.4f} +/- {r['val_loss_std']:.4f}",
                      f"{r['delta_vs_topk']:+.4f} +/- {r['delta_vs_topk_std']:.4f}"
                      if r["delta_vs_topk"] is not None else "-",
+                     _interval(r.get("delta_ci95_lo"), r.get("delta_ci95_hi")), _fmt(r.get("delta_mde")),
+                     r.get("verdict") or "-",
+                     f"{r['iso_delta_vs_topk']:+.4f} {_interval(r.get('iso_ci95_lo'), r.get('iso_ci95_hi'))}"
+                     if r.get("iso_delta_vs_topk") is not None else "-", r.get("iso_verdict") or "-",
                      f"{r['tokens_per_s']:.0f}", f"{r['active_params'] / 1e3:.0f}k", f"{r['total_params'] / 1e3:.0f}k",
                      _fmt(r["experts_per_token_train_avg"]), _fmt(r["expert_mflops_per_token_train_avg"]),
                      _fmt(r["final_sparsity"]), _fmt(r["final_max_vio"]), _fmt(r["final_routing_entropy"])])

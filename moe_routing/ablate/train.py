@@ -155,7 +155,8 @@ def library_digest() -> str:
 
 
 def _fresh_state() -> dict:
-    return {"train_losses": [], "history": [], "val_curve": [], "train_time_s": 0.0, "tokens": 0,
+    return {"train_losses": [], "history": [], "val_curve": [], "val_compute_curve": [], "train_time_s": 0.0,
+            "tokens": 0,
             "ept_sum": 0.0, "flops_sum": 0.0, "micro_steps": 0}
 
 
@@ -277,6 +278,8 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
             bar.set_postfix(loss=f"{train_loss:.3f}")
         if done % p.eval_interval == 0 or done == p.steps:
             state["val_curve"].append([done, evaluate(model, data, p, dev)["val_loss"]])
+            flush()  # the evaluation synced anyway: the compute spent so far is up to date
+            state.setdefault("val_compute_curve", []).append(state["flops_sum"] * p.micro_batch * p.seq_len)
         bar.update(1)
         if done % p.ckpt_interval == 0 or done == end:
             flush()
@@ -288,7 +291,10 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
     n = max(1, state["micro_steps"])
     result = {"router": router, "seed": seed, "fingerprint": fingerprint, "library_digest": digest,
               "final_val_loss": final["val_loss"],
-              "val_curve": state["val_curve"], "train_losses": state["train_losses"], "history": state["history"],
+              "val_curve": state["val_curve"],
+              # forward expert FLOPs spent before each evaluation (all tokens so far), for iso-compute comparisons
+              "val_compute_curve": state.get("val_compute_curve", []),
+              "train_losses": state["train_losses"], "history": state["history"],
               "tokens_per_s": state["tokens"] / max(state["train_time_s"], 1e-9),
               "train_time_s": state["train_time_s"], "active_params": active, "total_params": total,
               # not part of the fingerprint (a resume may use other threads), but CPU sums round differently
