@@ -1,4 +1,5 @@
 """``moe-ablate``: train small LMs with each router x seed under one preset, then tabulate and plot.
+``moe-ablate sweep ...`` fits a routed scaling law over model widths and expert counts (see ``--help`` there).
 
 Rerunning the same command resumes every unfinished run from its last checkpoint and skips finished ones.
 """
@@ -177,6 +178,11 @@ def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``moe-ablate`` / ``python -m moe_routing.ablate``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

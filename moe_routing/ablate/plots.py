@@ -63,6 +63,27 @@ def plot_val_vs_compute(runs: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_scaling(points: list[dict], fit, path: Path) -> Path:
+    """Final validation loss against the base model's non-embedding parameters N (log-log), one colour per
+    expert count: measured points (every seed) and the fitted routed scaling law."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e in sorted({p["experts"] for p in points}):
+        pts = [p for p in points if p["experts"] == e]
+        line, = ax.plot([p["N"] for p in pts], [p["final_val_loss"] for p in pts], "o", label=f"E={e}")
+        ns = np.geomspace(min(p["N"] for p in points), max(p["N"] for p in points), 50)
+        ax.plot(ns, fit.predict(ns, np.full_like(ns, e)), "-", color=line.get_color(), lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("N: non-embedding parameters of the dense base model")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(f"Routed scaling law fit: a={fit.a:+.3f} b={fit.b:+.3f} c={fit.c:+.3f}")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
 def plot_load_heatmaps(runs: list[dict], path: Path) -> Path:
     """Final per-layer fraction of routed pairs per expert on the validation set (first seed of each router)."""
     first: dict[str, dict] = {}

