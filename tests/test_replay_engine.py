@@ -71,6 +71,8 @@ def test_flat_arrays_tensors_and_lists():
     for flat in (arr.reshape(-1), torch.from_numpy(arr.reshape(-1)), arr.reshape(-1).tolist()):
         assert torch.equal(from_engine(flat, num_tokens=T, moe_layer_ids=MOE_IDS, num_layers=L_ALL), want)
     assert torch.equal(from_engine(torch.from_numpy(arr), num_tokens=T, moe_layer_ids=MOE_IDS), want)
+    narrow = torch.from_numpy(arr.astype(np.int64)).to(torch.uint16)  # vLLM's narrowed buffer as a tensor
+    assert torch.equal(from_engine(narrow, num_tokens=T, moe_layer_ids=np.array(MOE_IDS)), want)
     assert torch.equal(from_engine(arr.tolist(), num_tokens=T, moe_layer_ids=MOE_IDS), want)
 
 
@@ -240,5 +242,7 @@ def test_pack_errors():
         pack_records(records([2]), seq_len=4, padding_side="middle")
     with pytest.raises(ValueError, match=r"num_tokens must be an int >= 5"):
         pack_records(records([2, 3]), num_tokens=4)
+    with pytest.raises(ValueError, match=r"per_sample_TLK\[0\] has ids outside \[-1, 32768\)"):
+        pack_records([torch.full((2, 1, 1), 40000)])
     with pytest.raises(ValueError, match=r"num_tokens applies to the packed layout"):
         pack_records(records([2]), seq_len=4, num_tokens=8)

@@ -183,7 +183,8 @@ def from_engine(routed_experts: ArrayLike, *, num_tokens: int, moe_layer_ids: Op
     if moe_layer_ids is None:
         ids = list(range(L_all))
     else:
-        ids = [check_int(f"moe_layer_ids[{i}]", v, 0) for i, v in enumerate(moe_layer_ids)]
+        ids = [check_int(f"moe_layer_ids[{i}]", int(v) if isinstance(v, np.integer) else v, 0)
+               for i, v in enumerate(moe_layer_ids)]
         if not ids:
             raise ValueError("moe_layer_ids is empty; pass the engine layer index of each MoE layer")
         if len(set(ids)) != len(ids):
@@ -251,6 +252,9 @@ def pack_records(per_sample_TLK: Sequence[Tensor], *, seq_len: Optional[int] = N
         elif (r.shape[1], r.shape[2]) != (L, K):
             raise ValueError(f"per_sample_TLK[{i}] has [L, K] = {list(r.shape[1:])} but per_sample_TLK[0] has "
                              f"{[L, K]}; every sample must come from the same model")
+        # compared as int64: a uint8 tensor would wrap the bound (32768 -> 0) and reject everything
+        if r.numel() and bool(((r.long() < -1) | (r.long() >= _MAX_EXPERTS)).any()):
+            raise ValueError(f"per_sample_TLK[{i}] has ids outside [-1, {_MAX_EXPERTS}) (-1 marks unreported rows)")
     lengths = [r.shape[0] for r in records]
     device = records[0].device
     if seq_len is None:

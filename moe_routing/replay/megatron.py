@@ -99,7 +99,7 @@ def from_megatron(per_layer_TK: Sequence[Optional[Tensor]], *, batch_size: Optio
         if t.shape != layers[0].shape:
             raise ValueError(f"per_layer_TK[{l}] has shape {tuple(t.shape)} but per_layer_TK[0] has "
                              f"{tuple(layers[0].shape)}")
-    ids = torch.stack([t.detach().cpu() for t in layers], dim=1)
+    ids = torch.stack([t.detach().cpu().long() for t in layers], dim=1)
     if ids.numel() and bool(((ids < 0) | (ids > torch.iinfo(torch.int16).max)).any()):
         raise ValueError("per_layer_TK has expert ids outside [0, 32767]")
     return _reorder(ids, batch_size, to_sequence_first=False).to(torch.int16)
