@@ -2,20 +2,25 @@
 
 What the engines return (read from their source, not from their docs):
 
-- SGLang (`python/sglang/srt/layers/moe/routed_experts_capturer.py`, sgl-project/sglang): each MoE layer's
+- SGLang (`python/sglang/srt/layers/moe/routed_experts_capturer.py`, moved to
+  `python/sglang/srt/state_capturer/routed_experts.py` in newer releases; sgl-project/sglang): each MoE layer's
   ``topk_ids`` are captured into an int32 buffer ``[tokens, num_hidden_layers, num_experts_per_tok]`` indexed by
   the model's layer id, so **dense layers have rows too** (left at 0: never written). ``get_routed_experts``
   returns the rows of ``req_to_token[: seqlen - 1]``: prompt plus generated tokens **except the last** (it was
-  sampled, never run through the model). The detokenizer (`managers/detokenizer_manager.py`,
-  ``_extract_routed_experts``) sends ``meta_info["routed_experts"]`` as the base64 of the raw int32 bytes: a flat
-  array once decoded. Fused shared experts occupy extra columns of the device buffer only; the host copy keeps
-  the first ``num_experts_per_tok``.
+  sampled, never run through the model). The detokenizer (``_extract_routed_experts`` in
+  `managers/detokenizer_manager.py`) sends ``meta_info["routed_experts"]`` as the base64 of the raw int32 bytes:
+  a flat array once decoded (both releases read use int32; no narrow dtype there). Fused shared experts occupy
+  extra columns of the device buffer only; the host copy keeps the first ``num_experts_per_tok``. The capture
+  runs after ``topk_ids_logical_to_physical`` (`layers/moe/topk.py`): with expert-location dispatch (EPLB,
+  redundant experts) the ids are *physical* slots, to be mapped to logical experts before replay
+  (``num_experts`` catches slots >= E, not a remapping).
 - vLLM (`vllm/model_executor/layers/fused_moe/routed_experts_capturer.py` and `vllm/v1/core/sched/scheduler.py`
   ``_get_routed_experts``, vllm-project/vllm): the same int32 ``[tokens, num_hidden_layers, num_experts_per_tok]``
   buffer (adapted from SGLang's), read for ``request.num_tokens - 1`` slots and returned as a numpy array
-  ``[seqlen - 1, L_all, K]`` (``CompletionOutput.routed_experts``). Newer releases keep a narrow (uint8/uint16)
-  host buffer sized by the expert count, and split the rows into ``prompt_routed_experts`` and the completion's
-  ``routed_experts``: concatenate the two along the first axis before calling `from_engine`.
+  ``[seqlen - 1, L_all, K]`` (``CompletionOutput.routed_experts``). Newer releases keep the host copy narrow
+  (``np.uint8`` when E <= 256, else ``np.uint16``) and split the rows into the request's
+  ``prompt_routed_experts`` and the completion's ``routed_experts``: concatenate the two along the first axis
+  before calling `from_engine`.
 
 `from_engine` turns any of these into the int16 ``[T, L, K]`` tensor `replay_routing` takes (L = our MoE
 layers), with -1 rows where the engine reported nothing.

@@ -41,7 +41,7 @@ def router_shift_weights(logp_old_TLE: Tensor, logp_new_TLE: Tensor, experts_old
 
     ``gamma_t = exp(-(1/(L*K)) * sum_l sum_{e in TopK_old^l(t)} |log p_new^l(e|x_t) - log p_old^l(e|x_t)|)``:
     1 when the router's log-probabilities of the experts the old policy chose did not move, smaller the further
-    they moved. Multiply the token's importance ratio by it before clipping (arXiv 2510.23027, sec. 3).
+    they moved. Multiply the token's importance ratio by it before clipping (arXiv 2510.23027).
 
     Args:
         logp_old_TLE: [T, L, E] router log-probabilities under the old (behaviour) policy.
