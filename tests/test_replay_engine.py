@@ -246,3 +246,31 @@ def test_pack_errors():
         pack_records([torch.full((2, 1, 1), 40000)])
     with pytest.raises(ValueError, match=r"num_tokens applies to the packed layout"):
         pack_records(records([2]), seq_len=4, num_tokens=8)
+
+
+def test_engine_record_replays_in_our_layers():
+    """An "engine" (our layers with other router weights) reports its choice in the engine layout, dense layers
+    included; from_engine's output forces exactly that choice in the trainer's layers."""
+    from moe_routing import MoELayer, RoutingContext
+
+    D, T = 8, 7
+    torch.manual_seed(0)
+    trainer = [MoELayer(D, 4, E, K, layer_idx=j) for j in range(len(MOE_IDS))]
+    xs = [torch.randn(T, D) for _ in MOE_IDS]
+    engine_out = np.zeros((T - 1, L_ALL, K), dtype=np.int32)  # dense layers stay 0, as in the engines
+    for j, (layer, x) in enumerate(zip(trainer, xs)):
+        w = layer.router.weight.detach() + torch.randn(E, D)
+        engine_out[:, MOE_IDS[j]] = (x[:T - 1] @ w.t()).topk(K, dim=-1).indices.numpy()
+    native = [(x[:T - 1] @ layer.router.weight.detach().t()).topk(K, dim=-1).indices.sort(-1).values
+              for layer, x in zip(trainer, xs)]
+    assert any(not torch.equal(n, torch.from_numpy(engine_out[:, l]).long().sort(-1).values)
+               for n, l in zip(native, MOE_IDS))  # the trainer alone would route differently
+    rec = from_engine(base64.b64encode(engine_out.tobytes()).decode(), num_tokens=T, moe_layer_ids=MOE_IDS,
+                      dtype_hint="int32", num_layers=L_ALL, top_k=K, num_experts=E)
+    for j, (layer, x) in enumerate(zip(trainer, xs)):
+        seen = []
+        handle = layer.router.register_forward_hook(lambda m, args, out: seen.append(out.experts_TK))
+        with torch.no_grad():  # the reported rows only: the last token routes natively (-1 row)
+            layer(x[:T - 1], RoutingContext(forced_experts={j: rec[:T - 1, j]}))
+        handle.remove()
+        assert torch.equal(seen[0], torch.from_numpy(engine_out[:, MOE_IDS[j]]).long())
