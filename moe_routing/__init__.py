@@ -6,6 +6,7 @@ from .layer import MoELayer
 from .losses import (DPSLoss, ERCLoss, GlobalBatchAuxLoss, Loss, LossInputs, LossOutput, ReLUL1Loss,
                      SequenceAuxLoss, SwitchAuxLoss, ZLoss)
 from .metrics import format_routing_report, routing_report
+from . import replay  # routing replay for RL: mr.replay.from_engine, pack_records, metrics, Megatron interop
 from .routers import (ExpertChoiceRouter, GatedRouter, HashRouter, HyperRouter, RecurrentRouter, RecurrentRouterGroup,
                       ReLURouter, Router, SinkhornRouter, TopKRouter)
 
