@@ -273,3 +273,16 @@ def test_swap_errors():
         hf.swap_routers(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="num_experts"):
         hf.swap_routers(model, lambda d, e, k: TopKRouter(d, e + 1, k))
+
+
+def test_readme_example_runs():
+    """The README's "Inside Hugging Face models" example, as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Inside Hugging Face models", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["model"].config._experts_implementation == "moe_routing"
+    assert torch.isfinite(scope["out"].loss)
