@@ -127,6 +127,50 @@ def test_experts_no_weight_copy_and_config_switch(monkeypatch):
     assert seen == [layer.mlp.experts.gate_up_proj.data_ptr() for layer in model.model.layers]
 
 
+@pytest.mark.parametrize("variant", ["gpt_oss", "nemotron_h"])
+def test_experts_layout_variants(variant):
+    """The other layouts HF's decorator declares: GPT-OSS (``is_transposed``, biases, interleaved gate/up with its
+    own ``_apply_gate``) and Nemotron-H (no gate: ``up_proj`` and an activation), against eager at module level."""
+    if variant == "gpt_oss":
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Experts
+        cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=8,
+                                        num_experts_per_tok=2)
+    else:
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts as Experts
+        cfg = transformers.NemotronHConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8,
+                                           num_experts_per_tok=2)
+    torch.manual_seed(0)
+    experts = Experts(cfg)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(std=0.2)
+    x, w = torch.randn(9, 32), torch.rand(9, 2)
+    idx = torch.rand(9, 8).topk(2, -1).indices
+    results = {}
+    for impl in ("eager", "moe_routing"):
+        experts.config._experts_implementation = impl
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = experts(xg, idx, wg)
+        y.pow(2).sum().backward()
+        results[impl] = {"y": y.detach(), "x": xg.grad, "w": wg.grad,
+                         **{n: p.grad.clone() for n, p in experts.named_parameters()}}
+        experts.zero_grad(set_to_none=True)
+    for name, ref in results["eager"].items():
+        assert max_diff(results["moe_routing"][name], ref) <= 1e-5 * max(1.0, ref.abs().max().item()), name
+
+
+def test_experts_empty_input():
+    """No tokens (an empty micro-batch): an empty output, and zero (not missing) expert gradients."""
+    model = tiny_model("qwen3_moe")
+    model.set_experts_implementation("moe_routing")
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(0, model.config.hidden_size, requires_grad=True)
+    y = experts(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    y.sum().backward()
+    assert y.shape == (0, model.config.hidden_size)
+    assert experts.gate_up_proj.grad is not None and not experts.gate_up_proj.grad.any()
+
+
 def test_from_pretrained_experts_implementation(tmp_path):
     model = tiny_model("olmoe")
     model.save_pretrained(tmp_path)

@@ -49,7 +49,7 @@ def moe_routing_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_in
     E = self.num_experts
     w_in = self.gate_up_proj if self.has_gate else self.up_proj
     # like HF's grouped_mm path: under autocast the input may be float32 while the weights are bf16
-    x_TH = hidden_states.reshape(T, -1).to(w_in.dtype)
+    x_TH = hidden_states.reshape(T, hidden_states.shape[-1]).to(w_in.dtype)
     backend = resolve_backend("auto", x_TH.device)
     token_N = torch.arange(T, device=x_TH.device).repeat_interleave(K)
     expert_N = top_k_index.reshape(-1).long()

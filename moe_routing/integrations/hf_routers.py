@@ -33,6 +33,8 @@ from ..validation import check_bool
 # DeepSeek-V3's bias update rate (gamma = 0.001, arXiv 2412.19437 section 2.1.2); it moves only when the user
 # runs the controllers (`moe_routing.step` / `moe_routing.attach`)
 DEEPSEEK_BIAS_UPDATE_RATE = 1e-3
+# HF gate classes (by name) whose routing `family_topk_kwargs` reproduces; their blocks are the ones swapped
+SUPPORTED_GATES = ("Qwen3MoeTopKRouter", "OlmoeTopKRouter", "MixtralTopKRouter", "DeepseekV3TopkRouter")
 
 
 def family_topk_kwargs(gate: nn.Module) -> dict:
@@ -54,9 +56,6 @@ def family_topk_kwargs(gate: nn.Module) -> dict:
                 "group_score": "top2_sum", "normalize": bool(gate.norm_topk_prob),
                 "scaling_factor": float(gate.routed_scaling_factor), "bias_update_rate": DEEPSEEK_BIAS_UPDATE_RATE}
     raise ValueError(f"unsupported HF router class {name}; supported: {SUPPORTED_GATES}")
-
-
-SUPPORTED_GATES = ("Qwen3MoeTopKRouter", "OlmoeTopKRouter", "MixtralTopKRouter", "DeepseekV3TopkRouter")
 
 
 class RouterGate(nn.Module):
