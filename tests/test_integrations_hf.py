@@ -293,6 +293,17 @@ def relu_block_reference(x, w_gate_ED, experts):
     return y
 
 
+def test_swapped_state_dict_round_trip():
+    """A swapped model's weights reload into a freshly swapped model of the same config (the README's recipe)."""
+    model, fresh = tiny_model("olmoe"), tiny_model("olmoe", seed=5)
+    for m in (model, fresh):
+        hf.swap_routers(m, "relu")
+    assert not fresh.load_state_dict(copy.deepcopy(model.state_dict())).missing_keys
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
 def test_swap_with_a_factory_and_with_experts_implementation():
     model = tiny_model("mixtral")
     ref = copy.deepcopy(model)
