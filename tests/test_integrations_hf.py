@@ -269,8 +269,16 @@ def test_swap_relu_rebuilds_the_block_on_moe_layer(family):
                 expected = expected + block.shared_experts(x).double()
         assert max_diff(y, expected) < 1e-5
     model.train()
+    blocks = [model.get_submodule(n) for n in names]
+    inputs = []
+    handles = [b.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach())) for b in blocks]
     out = model(token_ids(), output_router_logits=True)
-    assert len(out.router_logits) == len(names) and out.router_logits[0].shape[-1] == 8
+    for h in handles:
+        h.remove()
+    assert len(out.router_logits) == len(names)
+    for rec, x, b in zip(out.router_logits, inputs, blocks):  # the ReLU router's raw logits, negatives included
+        assert max_diff(rec, x.reshape(-1, x.shape[-1]) @ b.moe.router.weight.detach().t()) < 1e-5
+        assert (rec < 0).any()
     assert mr.aux_losses(model) and all("relu_l1" in v for v in mr.aux_losses(model).values())
     loss = out.logits.float().pow(2).mean() + (out.aux_loss if out.aux_loss is not None else 0)
     loss.backward()
