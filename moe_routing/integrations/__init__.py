@@ -1,0 +1,8 @@
+"""Integrations with training frameworks, each an optional extra imported on its own (never from here).
+
+- ``moe_routing.integrations.hf``: Hugging Face transformers 5.x (extra ``hf``): the ``"moe_routing"`` experts
+  implementation and `swap_routers`.
+- ``moe_routing.integrations.megatron``: Megatron-Core (extra ``megatron``).
+
+This package imports no optional dependency, so ``import moe_routing`` works without either framework.
+"""
