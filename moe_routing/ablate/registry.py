@@ -43,9 +43,11 @@ def build_topk(p: Preset) -> Built:
 
 
 def build_relu(p: Preset) -> Built:
-    """ReMoE: ReLU gates, its adaptive L1 loss (the router's default), k is the nominal sparsity target."""
+    """ReMoE: ReLU gates, its adaptive L1 loss (the router's default), k is the nominal sparsity target. lambda
+    keeps a floor at lambda_0 (not in the reference; the router's default has none): the recorded runs used it."""
     return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
-                     router=ReLURouter(p.d_model, p.num_experts, p.top_k, init_std=p.init_std), layer_idx=i)
+                     router=ReLURouter(p.d_model, p.num_experts, p.top_k, init_std=p.init_std, min_l1_coeff=1e-8),
+                     layer_idx=i)
             for i in range(p.n_layers)], None
 
 
