@@ -1,6 +1,6 @@
 """moe_routing/routers/relu.py (ReMoE): routing and gradients against a naive loop, the adaptive L1 controller
-(pooled over layers, skipped in eval, float32 lambda against the reference's update, optional floor and ceiling, settling on the quick ablation model),
-the RMSNorm variant and argument checks. The L1 loss itself: test_losses_l1.py."""
+(pooled over layers, skipped in eval, float32 lambda against the reference's update, optional floor, ceiling,
+settling on the quick ablation model), the RMSNorm variant and argument checks. The L1 loss itself: test_losses_l1.py."""
 import json
 
 import pytest
