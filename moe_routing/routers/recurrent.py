@@ -204,7 +204,9 @@ class RecurrentRouterGroup(nn.Module):
     probabilities); in general the two differ by the cross-layer terms, ``coef * E / L^2 * sum_e sum_{l != m}
     (c^l_e / T) (P^m_e - P^l_e)``, and the pooled loss pushes layer l's probabilities by the pooled count
     ``sum_m c^m_e / L`` rather than its own. For the pooled form exactly, pass ``losses=[]`` to the layers and add
-    the model-level HF-pooled loss over the layers' decisions (its counts per layer not divided by k).
+    the model-level HF-pooled loss over the layers' decisions (its counts per layer not divided by k). The reference
+    adds its loss only when ``output_router_logits`` is set (its config default is False; the training recipe is
+    not public), so ``losses=[]`` on every layer is the other reading of its defaults.
 
     The ablation's ``rmoe`` keeps the library's earlier choices: ``proj_dim=min(128, D/2)``, ``gru_init="torch"``,
     ``balance_loss="switch"`` (1e-2, as its ``topk`` arm).
