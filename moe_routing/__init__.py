@@ -9,6 +9,9 @@ from .metrics import format_routing_report, routing_report
 from . import replay  # routing replay for RL: mr.replay.from_engine, pack_records, metrics, Megatron interop
 from .routers import (ExpertChoiceRouter, GatedRouter, HashRouter, HyperRouter, RecurrentRouter, RecurrentRouterGroup,
                       ReLURouter, Router, SinkhornRouter, TopKRouter)
+from .multihash import MultiHashFFN
+from .routers.hash import count_tokens, frequency_balanced_expert_map, id_balanced_expert_map
+from .routers.hyper import hyper_top_k, set_hyper_top_k
 
 __version__ = "0.1.0"
 
@@ -16,4 +19,6 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "ExpertChoiceRouter", "HashRouter", "HyperRouter", "ReLUL1Loss", "Router", "RoutingDecision", "RoutingContext", "routing_context",
            "GroupedExperts", "SharedExperts", "Loss", "SwitchAuxLoss", "SequenceAuxLoss", "GlobalBatchAuxLoss",
            "ZLoss", "ERCLoss", "DPSLoss", "step", "set_aux_loss_scale", "aux_losses", "total_aux_loss", "moe_layers",
-           "routing_report", "format_routing_report"]
+           "routing_report", "format_routing_report",
+           "MultiHashFFN", "count_tokens", "frequency_balanced_expert_map", "id_balanced_expert_map", "hyper_top_k",
+           "set_hyper_top_k"]

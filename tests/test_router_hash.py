@@ -1,26 +1,82 @@
-"""moe_routing/routers/hash.py: the balanced expert map, the table-free hash against Python integers, the
-router's decision from token ids, its token-id errors (without reading device values off the host), and argument
-checks."""
+"""moe_routing/routers/hash.py: the paper's frequency-balanced assignment against a naive greedy loop, token
+counting from a stream, the id-balanced random map, the table-free hash against Python integers, the router's
+decision from token ids, its token-id errors (without reading device values off the host), and argument checks."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from moe_routing import MoELayer, RoutingContext
-from moe_routing.routers.hash import HashRouter, balanced_expert_map, hash_experts
+from moe_routing.routers.hash import (HashRouter, count_tokens, frequency_balanced_expert_map, hash_experts,
+                                     id_balanced_expert_map)
 
 D, E, V = 7, 6, 50
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_balanced_map_is_balanced_distinct_and_seeded(k):
-    m = balanced_expert_map(103, 8, k, seed=1)
+def test_id_balanced_map_is_balanced_distinct_and_seeded(k):
+    m = id_balanced_expert_map(103, 8, k, seed=1)
     assert m.shape == (103, k) and m.dtype == torch.long and 0 <= int(m.min()) and int(m.max()) < 8
     counts = torch.bincount(m.flatten(), minlength=8)
     assert int(counts.max() - counts.min()) <= k and int(counts.sum()) == 103 * k
     assert all(len(set(row)) == k for row in m.tolist())
-    assert torch.equal(m, balanced_expert_map(103, 8, k, seed=1))
-    assert not torch.equal(m, balanced_expert_map(103, 8, k, seed=2))
+    assert torch.equal(m, id_balanced_expert_map(103, 8, k, seed=1))
+    assert not torch.equal(m, id_balanced_expert_map(103, 8, k, seed=2))
+
+
+def naive_frequency_greedy(counts, n_e, k):
+    """Roller et al. 2021 sec. 3: ids from most to least frequent (ties: lower id), each to the k emptiest
+    experts (ties: lower expert id); a linear scan instead of a heap."""
+    loads = [0.0] * n_e
+    table = {}
+    for v in sorted(range(len(counts)), key=lambda v: (-counts[v], v)):
+        chosen = []
+        for _ in range(k):
+            chosen.append(min((e for e in range(n_e) if e not in chosen), key=lambda e: (loads[e], e)))
+        for e in chosen:
+            loads[e] += counts[v]
+        table[v] = chosen
+    return [table[v] for v in range(len(counts))], loads
+
+
+@pytest.mark.parametrize("n_e,k", [(1, 1), (5, 1), (8, 3), (4, 4)])
+def test_frequency_balanced_map_matches_naive_greedy(n_e, k):
+    g = torch.Generator().manual_seed(n_e * 10 + k)
+    counts = (1000 * torch.rand(97, generator=g) ** 4).floor()          # Zipf-like, with ties and zeros
+    counts[[3, 40]] = 0
+    m = frequency_balanced_expert_map(counts, n_e, k)
+    ref, loads = naive_frequency_greedy(counts.tolist(), n_e, k)
+    assert m.dtype == torch.long and m.tolist() == ref
+    assert all(len(set(row)) == k for row in m.tolist())
+    # token loads (what the paper balances) vs the ids-balanced table, on the same data
+    load = torch.zeros(n_e, dtype=torch.float64).index_add_(0, m.flatten(), counts.double().repeat_interleave(k))
+    assert load.tolist() == loads
+    if k == 1:
+        assert float(load.max() - load.min()) <= float(counts.max())  # the greedy bound
+    if n_e > k:
+        ids_map = id_balanced_expert_map(97, n_e, k, seed=0)
+        ids_load = torch.zeros(n_e, dtype=torch.float64).index_add_(0, ids_map.flatten(),
+                                                                   counts.double().repeat_interleave(k))
+        assert float(load.max() - load.min()) < float(ids_load.max() - ids_load.min())
+
+
+def test_count_tokens_from_a_stream_and_the_router_table():
+    stream = [torch.tensor([[0, 1, 1], [4, 4, 4]]), torch.tensor([4, 2]), torch.tensor([], dtype=torch.long)]
+    counts = count_tokens(stream, 6)
+    assert counts.tolist() == [1, 2, 1, 0, 4, 0] and counts.dtype == torch.long
+    assert torch.equal(count_tokens(torch.tensor([1, 1, 5]), 6), torch.tensor([0, 2, 0, 0, 0, 1]))
+    r = HashRouter(D, 3, 1, token_counts=counts)
+    assert r.assignment == "frequency" and r.vocab_size == 6
+    # 4 (count 4) -> 0, 1 (2) -> 1, 0 (1) -> 2, 2 (1) -> 2 (load 1 < 2), then the zero counts 3, 5 -> 1 (2 = 2: lower id)
+    assert r.expert_map[:, 0].tolist() == [2, 1, 2, 1, 0, 1]
+    ids = torch.tensor([4, 4, 1, 0, 5])
+    d = r(torch.randn(5, D), RoutingContext(token_ids=ids))
+    assert d.experts_TK[:, 0].tolist() == [0, 0, 1, 2, 1]
+    assert HashRouter(D, 3, 1, vocab_size=6).assignment == "ids" and HashRouter(D, 3, 1).assignment == "hash"
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        count_tokens([torch.tensor([0, 6])], 6)
+    with pytest.raises(TypeError, match="integer tensors"):
+        count_tokens([torch.tensor([0.5])], 6)
 
 
 def naive_hash(v, n_e, k, seed):
@@ -97,6 +153,13 @@ BAD = [
     (lambda: HashRouter(D, E, 0), ValueError, "top_k"),
     (lambda: HashRouter(D, E, 1, vocab_size=0), ValueError, "vocab_size"),
     (lambda: HashRouter(D, E, 1, seed=1.5), TypeError, "seed"),
+    (lambda: HashRouter(D, E, 1, token_counts=torch.ones(5), vocab_size=6), ValueError, "vocab_size=6"),
+    (lambda: HashRouter(D, E, 1, token_counts=torch.ones(2, 3)), ValueError, "1-D"),
+    (lambda: HashRouter(D, E, 1, token_counts=torch.tensor([1.0, -2.0])), ValueError, ">= 0"),
+    (lambda: HashRouter(D, E, 1, token_counts=torch.tensor([1.0, float("nan")])), ValueError, "finite"),
+    (lambda: frequency_balanced_expert_map(torch.ones(4), 3, 4), ValueError, "top_k"),
+    (lambda: frequency_balanced_expert_map(torch.ones(0), 3, 1), ValueError, "non-empty"),
+    (lambda: count_tokens(torch.tensor([1]), 0), ValueError, "vocab_size"),
 ]
 
 

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_routing as mr
 from moe_routing.decision import RoutingContext
+from moe_routing.losses.base import LossInputs
 from moe_routing.routers.recurrent import RecurrentRouter, RecurrentRouterGroup
 
 from reference import (naive_recurrent_route, naive_recurrent_stack, recurrent_leaf_list, recurrent_leaves,
@@ -265,6 +266,10 @@ def test_misuse_errors():
     ({"hidden_size": 0}, ValueError, "hidden_size"),
     ({"num_experts": 0}, ValueError, "num_experts"),
     ({"init_std": 0.0}, ValueError, "init_std"),
+    ({"gru_init": "xavier"}, ValueError, "gru_init must be one of"),
+    ({"balance_loss": "pooled"}, ValueError, "balance_loss must be one of"),
+    ({"aux_coeff": float("nan")}, ValueError, "aux_coeff"),
+    ({"aux_coeff": -1.0}, ValueError, "aux_coeff"),
 ])
 def test_bad_constructor_arguments(kwargs, exc, match):
     args = {"hidden_size": 6, "num_experts": 4, "top_k": 2, "num_layers": 2, **kwargs}
@@ -389,3 +394,83 @@ def test_rerunning_a_later_layer_without_layer_zero_is_detected():
     with pytest.raises(ValueError, match="layer 1 already ran in this forward"):
         layers[1](x, ctx)
     layers[1](layers[0](x, ctx), ctx)  # a new forward from layer 0 is fine
+
+
+# ---- fidelity to the reference code (qiuzh20/RMoE llama_moe_rnn/) -------------------------------------------------
+def _reference_gru_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+    """llama_moe_rnn/rnn.py CustomGRUCell.forward, its r/z/n weights being the chunks of torch's stacked ones."""
+    w_ir, w_iz, w_in = w_ih.chunk(3)
+    w_hr, w_hz, w_hn = w_hh.chunk(3)
+    b_ir, b_iz, b_in = b_ih.chunk(3)
+    b_hr, b_hz, b_hn = b_hh.chunk(3)
+    r = torch.sigmoid(x @ w_ir.t() + b_ir + h @ w_hr.t() + b_hr)
+    z = torch.sigmoid(x @ w_iz.t() + b_iz + h @ w_hz.t() + b_hz)
+    n = torch.tanh(x @ w_in.t() + b_in + r * (h @ w_hn.t() + b_hn))
+    return (1 - z) * n + z * h
+
+
+def _reference_aux(logits_list, num_experts, top_k):
+    """llama_moe_rnn/llama_moe_modeling.py load_balancing_loss_func: all layers pooled, counts not divided by k."""
+    logits = torch.cat(logits_list, 0)
+    probs = logits.softmax(-1)
+    mask = torch.zeros(logits.shape[0], top_k, num_experts, dtype=probs.dtype)
+    mask.scatter_(2, probs.topk(top_k, -1).indices[..., None], 1.0)
+    return (mask.mean(0) * probs.mean(0)[None]).sum() * num_experts
+
+
+def test_defaults_follow_the_reference_config():
+    group = RecurrentRouterGroup(16, 4, 2, 3)
+    assert group.proj_dim == 256 and group.gru_init == "reference" and group.balance_loss == "reference"
+    losses = group.routers[1].default_losses()
+    assert len(losses) == 1 and type(losses[0]).__name__ == "SwitchAuxLoss"
+    assert losses[0].coeff == pytest.approx(2 * 1e-3 / 3)
+    switch = RecurrentRouterGroup(16, 4, 2, 3, balance_loss="switch").routers[0].default_losses()[0]
+    assert switch.coeff == pytest.approx(1e-2)
+
+
+def test_reference_gru_init_is_normal_on_every_weight_and_bias():
+    torch.manual_seed(0)
+    P, std = 64, 0.02
+    group = RecurrentRouterGroup(8, 4, 2, 2, P, init_std=std)
+    for name, p in group.gru.named_parameters():
+        assert abs(p.mean().item()) < 4 * std / math.sqrt(p.numel()), name
+        assert p.std().item() == pytest.approx(std, rel=0.1), name
+    torch_init = RecurrentRouterGroup(8, 4, 2, 2, P, gru_init="torch").gru
+    bound = 1 / math.sqrt(P)
+    for name, p in torch_init.named_parameters():
+        assert p.abs().max().item() <= bound and p.std().item() > 0.5 * bound / math.sqrt(3), name
+
+
+def test_gru_cell_is_the_reference_cell_float64():
+    torch.manual_seed(1)
+    group = RecurrentRouterGroup(6, 4, 2, 2, 5, init_std=0.5, dtype=torch.float64)
+    g = group.gru
+    x, h = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    ref = _reference_gru_cell(x, h, g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh)
+    torch.testing.assert_close(g(x, h), ref, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(g(x), _reference_gru_cell(x, torch.zeros_like(x), g.weight_ih, g.weight_hh,
+                                                         g.bias_ih, g.bias_hh), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_reference_balance_loss_relation_to_the_pooled_reference_float64(k):
+    torch.manual_seed(5 + k)
+    D, E, L, T = 9, 5, 3, 11
+    group = RecurrentRouterGroup(D, E, k, L, 6, init_std=0.6, dtype=torch.float64)
+    ctx = RoutingContext()
+    decisions = [r(torch.randn(T, D, dtype=torch.float64), ctx) for r in group.routers]
+    ours = [r.default_losses()[0](LossInputs(decision=d, top_k=k)).value for r, d in zip(group.routers, decisions)]
+    logits = [d.logits_TE.detach() for d in decisions]
+    per_layer_ref = torch.stack([_reference_aux([lg], E, k) for lg in logits])
+    # each layer: (k coef / L) * switch aux == coef / L * the reference's loss on that layer alone
+    torch.testing.assert_close(torch.stack(ours), 1e-3 * per_layer_ref / L, rtol=1e-12, atol=0)
+    # the sum over layers equals the pooled reference when every layer routes alike ...
+    same = [logits[0]] * L
+    torch.testing.assert_close(1e-3 * sum(_reference_aux([lg], E, k) for lg in same) / L,
+                               1e-3 * _reference_aux(same, E, k), rtol=1e-12, atol=0)
+    # ... and differs from it by the cross-layer terms otherwise
+    probs = [lg.softmax(-1) for lg in logits]
+    c = [torch.zeros(T, E, dtype=torch.float64).scatter_(1, p.topk(k, -1).indices, 1.0).mean(0) for p in probs]
+    P = [p.mean(0) for p in probs]
+    cross = sum((c[l] * (P[m] - P[l])).sum() for l in range(L) for m in range(L) if l != m) * E / L ** 2
+    torch.testing.assert_close(1e-3 * _reference_aux(logits, E, k) - sum(ours), 1e-3 * cross, rtol=1e-9, atol=1e-15)

@@ -1,6 +1,6 @@
 """moe_routing/routers/relu.py (ReMoE): routing and gradients against a naive loop, the adaptive L1 controller
-(pooled over layers, skipped in eval, float32 lambda, floor and ceiling, settling on the quick ablation model),
-the RMSNorm variant and argument checks. The L1 loss itself: test_losses_l1.py."""
+(pooled over layers, skipped in eval, float32 lambda against the reference's update, optional floor, ceiling,
+settling on the quick ablation model), the RMSNorm variant and argument checks. The L1 loss itself: test_losses_l1.py."""
 import json
 
 import pytest
@@ -120,22 +120,50 @@ def test_controller_settles_sparsity_within_two_points_on_the_quick_ablation_mod
     assert result["final_val_loss"] < 2.2                                     # and the model learns
 
 
-def test_lambda_floor_and_ceiling_keep_the_controller_alive():
-    # A float32 lambda divided by 1.2 for ~600 steps becomes a subnormal that 1.2x no longer changes.
-    layer = mr.MoELayer(8, 4, 4, 1, router="relu", router_kwargs={"max_l1_coeff": 1e-6})
-    r = layer.router
-    for _ in range(700):
-        r.active_accum.fill_(0), r.count_accum.fill_(10)   # sparsity 1 > target: shrink
-        type(r).moe_step_all([r])
-    assert r.l1_coeff.item() == pytest.approx(1e-8)        # floor = lambda_0
-    r.active_accum.fill_(10), r.count_accum.fill_(10)      # sparsity 0 < target: grow again
+def _reference_lambda_updates(sparsities, lambda0=1e-8, multiplier=1.2, target=0.75):
+    """thu-ml/ReMoE megatron/training/training.py: a float32 lambda, ``*= m`` below target else ``/= m``."""
+    lam = torch.tensor(lambda0, dtype=torch.float32)
+    out = []
+    for s in sparsities:
+        lam = lam * multiplier if s < target else lam / multiplier
+        out.append(lam.item())
+    return out
+
+
+def _controller_step(r, sparsity):
+    r.active_accum.fill_(round(10 * (1 - sparsity))), r.count_accum.fill_(10)
     type(r).moe_step_all([r])
-    assert r.l1_coeff.item() == pytest.approx(1.2e-8)
+    return r.l1_coeff.item()
+
+
+def test_lambda_default_follows_the_reference_update_without_a_floor():
+    layer = mr.MoELayer(8, 4, 4, 1, router="relu")
+    sparsities = [1.0] * 40 + [0.0] * 5 + [0.8, 0.7, 0.75, 0.5, 0.9] * 4   # 0.75 = target: not below, shrink
+    got = [_controller_step(layer.router, s) for s in sparsities]
+    assert got == _reference_lambda_updates(sparsities)                   # bit-identical, float32
+    assert min(got) < 1e-9                                                # no floor at lambda_0
+
+
+def test_lambda_floor_option_and_ceiling_keep_the_controller_alive():
+    # A float32 lambda divided by 1.2 for ~600 steps becomes a subnormal that 1.2x no longer changes (the
+    # reference's controller then freezes): the default clamps at the smallest normal float32 instead.
+    r = mr.ReLURouter(8, 4, 1)
+    for _ in range(700):
+        _controller_step(r, 1.0)
+    assert r.l1_coeff.item() == torch.finfo(torch.float32).tiny
+    assert _controller_step(r, 0.0) > torch.finfo(torch.float32).tiny     # still moves up
+    layer = mr.MoELayer(8, 4, 4, 1, router="relu", router_kwargs={"max_l1_coeff": 1e-6, "min_l1_coeff": 1e-8})
+    r = layer.router
+    for _ in range(50):
+        _controller_step(r, 1.0)
+    assert r.l1_coeff.item() == pytest.approx(1e-8)        # the optional floor (lambda_0 here)
+    assert _controller_step(r, 0.0) == pytest.approx(1.2e-8)
     for _ in range(200):
-        r.active_accum.fill_(10), r.count_accum.fill_(10)
-        type(r).moe_step_all([r])
+        _controller_step(r, 0.0)
     assert r.l1_coeff.item() == pytest.approx(1e-6)        # ceiling
     with pytest.raises(ValueError, match="min_l1_coeff"):
         mr.ReLURouter(8, 4, 1, l1_coeff=1e-8, min_l1_coeff=1e-7)
+    with pytest.raises(ValueError, match="min_l1_coeff"):
+        mr.ReLURouter(8, 4, 1, min_l1_coeff=float("nan"))
     with pytest.raises(ValueError, match="max_l1_coeff"):
         mr.ReLURouter(8, 4, 1, max_l1_coeff=float("inf"))

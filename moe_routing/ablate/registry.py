@@ -43,16 +43,21 @@ def build_topk(p: Preset) -> Built:
 
 
 def build_relu(p: Preset) -> Built:
-    """ReMoE: ReLU gates, its adaptive L1 loss (the router's default), k is the nominal sparsity target."""
+    """ReMoE: ReLU gates, its adaptive L1 loss (the router's default), k is the nominal sparsity target. lambda
+    keeps a floor at lambda_0 (not in the reference; the router's default has none): the recorded runs used it."""
     return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
-                     router=ReLURouter(p.d_model, p.num_experts, p.top_k, init_std=p.init_std), layer_idx=i)
+                     router=ReLURouter(p.d_model, p.num_experts, p.top_k, init_std=p.init_std, min_l1_coeff=1e-8),
+                     layer_idx=i)
             for i in range(p.n_layers)], None
 
 
 def build_rmoe(p: Preset) -> Built:
-    # P = 128 as in the paper, but at most D/2: at our tiny widths a P=128 GRU would outweigh the whole model
+    # P = 128 as in the paper, but at most D/2: at our tiny widths a P=128 GRU would outweigh the whole model.
+    # Not the reference code's defaults (GRU ~ N(0, std), its pooled 1e-3 aux): the torch GRU init and the switch
+    # aux loss 1e-2 of the topk arm, so topk vs rmoe differs only in how the logits are computed.
     group = RecurrentRouterGroup(p.d_model, p.num_experts, p.top_k, p.n_layers, proj_dim=min(128, p.d_model // 2),
-                                 init_std=p.init_std, softmax_before_topk=p.top_k == 1)  # k=1: as topk
+                                 init_std=p.init_std, gru_init="torch", balance_loss="switch",
+                                 softmax_before_topk=p.top_k == 1)  # k=1: as topk
     return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k, router=group.routers[i], layer_idx=i)
             for i in range(p.n_layers)], group
 

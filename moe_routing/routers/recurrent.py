@@ -11,6 +11,13 @@ Per MoE layer i (recurrence over depth only; tokens are independent and run in p
 P is the projection / GRU width (``proj_dim``). Gradients flow through ``hprev``, i.e. layer i's loss reaches the
 projections of layers < i and the shared GRU.
 
+Reference: qiuzh20/RMoE, ``llama_moe_rnn/llama_moe_modeling.py`` (``MixtralSparseMoeBlock``: ``weight1`` [P, D],
+``weight2`` [E, P], softmax -> top-k -> renormalise, i.e. the softmax over the k chosen logits;
+``load_balancing_loss_func``; ``LlamaForCausalLM.forward`` adds ``router_aux_loss_coef`` x that loss),
+``llama_moe_rnn/rnn.py`` (``CustomGRUCell``: the torch GRU cell's equations, ``init_weights`` applies the model's
+``init_method`` to every weight and bias) and ``llama_moe_rnn/configuration_llama_moe_rnn.py``
+(``moe_router_rnn_hidden_size=256``, ``router_aux_loss_coef=0.001``, ``initializer_range=0.02``).
+
 The hidden state of a forward lives in ``RoutingContext.layer_state`` under a key private to the group and the
 layer index (not `MoELayer.layer_key`), so it never outlives the context, and a layer recomputed by a
 non-reentrant activation checkpoint after later layers ran still reads its predecessor's state. Layer 0 counts
@@ -30,6 +37,9 @@ from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
 from ..validation import check_float, check_int
+
+GRU_INITS = ("reference", "torch")
+BALANCE_LOSSES = ("reference", "switch")
 from .base import GatedRouter, keep_float32, param_factory, softmax_over_chosen, switch_gates_at_k1
 
 _CONTEXT_HINT = ("run the model inside `with moe_routing.routing_context(model): ...` (a fresh context per "
@@ -70,7 +80,7 @@ class RecurrentRouter(GatedRouter):
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, layer_index: int, gru: nn.GRUCell,
                  group_key: _GroupKey, *, init_std: float = 0.02, softmax_before_topk: Optional[bool] = None,
-                 strict: bool = False, device=None, dtype=None) -> None:
+                 aux_coeff: float = 1e-2, strict: bool = False, device=None, dtype=None) -> None:
         super().__init__(hidden_size, num_experts, top_k, init_std=init_std, strict=strict, gate_weight=False,
                          device=device, dtype=dtype)
         self.layer_index = check_int("layer_index", layer_index, 0)
@@ -86,6 +96,13 @@ class RecurrentRouter(GatedRouter):
         nn.init.normal_(self.w2, std=self.init_std)
         self.gru = gru
         self._group_key = group_key
+        self.aux_coeff = check_float("aux_coeff", aux_coeff, 0.0)
+
+    def default_losses(self) -> list:
+        """``[SwitchAuxLoss(aux_coeff)]``; the group sets ``aux_coeff`` (see `RecurrentRouterGroup`)."""
+        from ..losses.balance import SwitchAuxLoss
+
+        return [SwitchAuxLoss(self.aux_coeff)]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, proj_dim={self.proj_dim}, layer_index={self.layer_index}"
@@ -163,24 +180,45 @@ class RecurrentRouterGroup(nn.Module):
 
     Args:
         hidden_size: D.  num_experts: E.  top_k: K in [1, E].  num_layers: L, MoE layers using the group.
-        proj_dim: P, the projection and GRU width. Default 128, the paper's runs (the reference code's config
-            default is 256).
-        init_std: std of the normal init of every layer's ``w1`` [P, D] and ``w2`` [E, P]; the GRU keeps
-            ``nn.GRUCell``'s default U(-1/sqrt(P), 1/sqrt(P)) init (the reference code re-initialises it).
+        proj_dim: P, the projection and GRU width. Default 256, the reference config's
+            ``moe_router_rnn_hidden_size`` (the paper's runs use 128).
+        init_std: std of the normal init of every layer's ``w1`` [P, D] and ``w2`` [E, P] (the reference's
+            ``init_method``, N(0, 0.02)).
+        gru_init: "reference" (default): every GRU weight and bias ~ N(0, init_std), as the reference's
+            ``CustomGRUCell.init_weights``; "torch": ``nn.GRUCell``'s U(-1/sqrt(P), 1/sqrt(P)).
+        balance_loss: the routers' default loss. "reference" (default): the reference's Mixtral-style loss,
+            per layer: ``SwitchAuxLoss(k * aux_coeff / L)`` with ``aux_coeff`` 1e-3 (see below). "switch":
+            ``SwitchAuxLoss(aux_coeff)`` per layer with ``aux_coeff`` 1e-2 (the library's usual default).
+        aux_coeff: the coefficient above (None: 1e-3 for "reference", 1e-2 for "switch").
         softmax_before_topk: gates = the softmax over all E at the chosen experts (Switch) instead of the
             softmax over the k chosen logits (Mixtral, the paper's). Default: Switch at k=1 (where the Mixtral
             gate is a constant 1 and the router would learn from the aux loss only; asking for that raises),
             Mixtral otherwise.
         strict: raise on non-finite logits on accelerators too (CPU always raises).
 
+    The reference's aux loss pools all L layers: with ``c^l_e`` the tokens of layer l whose top-k holds e (counts
+    not divided by k) and ``P^l_e`` layer l's mean softmax probability over T tokens, it is
+    ``coef * E * sum_e (sum_l c^l_e / (L T)) * (sum_l P^l_e / L)``. The per-layer "reference" form here sums, over
+    layers, ``(k coef / L) * E * sum_e (c^l_e / (k T)) P^l_e = coef * E / L * sum_l sum_e (c^l_e / T) P^l_e``: the
+    same normalisation (k coef at perfect balance, the same value whenever every layer has the same counts and
+    probabilities); in general the two differ by the cross-layer terms, ``coef * E / L^2 * sum_e sum_{l != m}
+    (c^l_e / T) (P^m_e - P^l_e)``, and the pooled loss pushes layer l's probabilities by the pooled count
+    ``sum_m c^m_e / L`` rather than its own. For the pooled form exactly, pass ``losses=[]`` to the layers and add
+    the model-level HF-pooled loss over the layers' decisions (its counts per layer not divided by k). The reference
+    adds its loss only when ``output_router_logits`` is set (its config default is False; the training recipe is
+    not public), so ``losses=[]`` on every layer is the other reading of its defaults.
+
+    The ablation's ``rmoe`` keeps the library's earlier choices: ``proj_dim=min(128, D/2)``, ``gru_init="torch"``,
+    ``balance_loss="switch"`` (1e-2, as its ``topk`` arm).
     ``group.routers[i]`` is layer i's `RecurrentRouter`; use it as ``MoELayer(D, F, E, K, router=group.routers[i])``
     and run each forward inside ``with moe_routing.routing_context(model):`` (or pass ``ctx=`` to every layer).
     Parameters stay float32 under ``.to(torch.bfloat16)``, the GRU included; a float64 cast applies.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_layers: int, proj_dim: int = 128, *,
-                 init_std: float = 0.02, softmax_before_topk: Optional[bool] = None, device=None, dtype=None,
-                 strict: bool = False) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_layers: int, proj_dim: int = 256, *,
+                 init_std: float = 0.02, gru_init: str = "reference", balance_loss: str = "reference",
+                 aux_coeff: Optional[float] = None, softmax_before_topk: Optional[bool] = None, device=None,
+                 dtype=None, strict: bool = False) -> None:
         super().__init__()
         check_int("hidden_size", hidden_size, 1)
         check_int("num_experts", num_experts, 1)
@@ -188,13 +226,27 @@ class RecurrentRouterGroup(nn.Module):
         check_int("num_layers", num_layers, 1)
         check_int("proj_dim", proj_dim, 1)
         init_std = check_float("init_std", init_std, 0.0, low_inclusive=False)
+        if gru_init not in GRU_INITS:
+            raise ValueError(f"gru_init must be one of {GRU_INITS}, got {gru_init!r}")
+        if balance_loss not in BALANCE_LOSSES:
+            raise ValueError(f"balance_loss must be one of {BALANCE_LOSSES}, got {balance_loss!r}")
+        if aux_coeff is None:
+            aux_coeff = 1e-3 if balance_loss == "reference" else 1e-2
+        aux_coeff = check_float("aux_coeff", aux_coeff, 0.0)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.num_layers, self.proj_dim = num_layers, proj_dim
+        self.gru_init, self.balance_loss, self.aux_coeff = gru_init, balance_loss, aux_coeff
         self.gru = nn.GRUCell(proj_dim, proj_dim, **param_factory(device, dtype))
+        if gru_init == "reference":
+            with torch.no_grad():
+                for p in self.gru.parameters():
+                    p.normal_(0.0, init_std)
+        layer_coeff = top_k * aux_coeff / num_layers if balance_loss == "reference" else aux_coeff
         key = _GroupKey()
         self.layer_routers = nn.ModuleList(
             RecurrentRouter(hidden_size, num_experts, top_k, i, self.gru, key, init_std=init_std,
-                            softmax_before_topk=softmax_before_topk, strict=strict, device=device, dtype=dtype)
+                            softmax_before_topk=softmax_before_topk, aux_coeff=layer_coeff, strict=strict,
+                            device=device, dtype=dtype)
             for i in range(num_layers))
 
     @property
@@ -204,7 +256,8 @@ class RecurrentRouterGroup(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"num_layers={self.num_layers}, proj_dim={self.proj_dim}")
+                f"num_layers={self.num_layers}, proj_dim={self.proj_dim}, gru_init={self.gru_init!r}, "
+                f"balance_loss={self.balance_loss!r}, aux_coeff={self.aux_coeff:g}")
 
     def _apply(self, fn: Callable, recurse: bool = True):  # noqa: D401 - torch override
         # Same rule as Router: the shared GRU is reached from here too, and a bf16 round trip would round it.

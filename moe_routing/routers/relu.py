@@ -1,4 +1,9 @@
-"""ReLU router with an adaptive L1 sparsity controller (ReMoE, arXiv 2412.14711)."""
+"""ReLU router with an adaptive L1 sparsity controller (ReMoE, arXiv 2412.14711).
+
+Reference: thu-ml/ReMoE, ``megatron/core/transformer/moe/router.py`` (``ReLURouter``: routing, L1 loss, sparsity
+statistic) and ``megatron/training/training.py`` (``train``: the lambda update after each optimizer step;
+``--moe-relu-l1-reg-coeff-init`` 1e-8 and ``--moe-relu-l1-reg-coeff-multiplier`` 1.2 in ``arguments.py``).
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -19,14 +24,26 @@ class ReLURouter(GatedRouter):
         top_k: nominal experts per token k; the controller targets sparsity ``1 - k/E``.
         norm: None, or "rmsnorm" to RMS-normalise the ReLU outputs (BlockFFN's variant; zeros stay zero).
         l1_coeff: initial L1 coefficient lambda_0 (1e-8).  alpha: controller step factor (1.2).
-        min_l1_coeff: floor for lambda (default lambda_0). Without one, a float32 lambda that keeps shrinking
-            reaches a subnormal where ``x * 1.2`` rounds back to ``x`` (2.8e-45 after ~600 steps above target)
-            and the controller can never raise it again. max_l1_coeff: ceiling (1e30: keeps lambda finite).
+        min_l1_coeff: None (default, the reference's: no floor), or a floor for lambda (``l1_coeff`` gives the
+            floor at lambda_0 this library used before). Without a floor the only clamp is at the smallest normal
+            float of lambda's dtype (1.2e-38 in float32), below which the reference's float32 lambda reaches a
+            subnormal where ``x * 1.2`` rounds back to ``x`` (2.8e-45 after ~600 steps above target) and its
+            controller can never raise it again; above it the update is the reference's exactly.
+        max_l1_coeff: ceiling (1e30: keeps lambda finite; the reference has none).
     The L1 loss (`ReLUL1Loss`, the default loss) receives ``l1_coeff`` through `LossInputs.l1_coeff`; the
     controller (`moe_routing.attach` / `moe_routing.step`) updates it once per optimizer step from the sparsity
     accumulated since the last step, averaged over all ReLU routers of the model (and data-parallel ranks):
     ``lambda *= alpha`` if sparsity < target else ``lambda /= alpha``. Routing replay (``forced_experts``) is
     not supported yet and raises.
+
+    Where the controller differs from the reference (``training.py``): the reference averages per-(layer,
+    micro-batch) sparsity ratios (``1 - nnz/numel`` over every token, padding included, divided by
+    ``num_layers * num_microbatches``, so dense layers would count as sparsity 0); ours pools nonzeros and entries
+    over ReLU layers, micro-batches and ranks (ratio of sums) over non-padding tokens. The two agree when every
+    layer and micro-batch routes the same number of tokens without padding, as in the reference's runs. The
+    reference also updates when no training forward ran since the last step (sparsity 0: lambda grows); ours
+    leaves lambda alone then. Target ``1 - k/E``, the strict ``<`` and the update after each optimizer step are
+    the reference's.
     """
 
     variable_k = True
@@ -42,10 +59,10 @@ class ReLURouter(GatedRouter):
             raise ValueError(f"norm must be None or 'rmsnorm', got {norm!r}")
         l1_coeff = check_float("l1_coeff", l1_coeff, 0.0, low_inclusive=False)
         self.alpha = check_float("alpha", alpha, 1.0, low_inclusive=False)
-        min_l1_coeff = l1_coeff if min_l1_coeff is None else check_float("min_l1_coeff", min_l1_coeff, 0.0,
-                                                                          low_inclusive=False)
+        if min_l1_coeff is not None:
+            min_l1_coeff = check_float("min_l1_coeff", min_l1_coeff, 0.0, low_inclusive=False)
         max_l1_coeff = check_float("max_l1_coeff", max_l1_coeff, 0.0, low_inclusive=False)
-        if not min_l1_coeff <= l1_coeff <= max_l1_coeff:
+        if not (min_l1_coeff or 0.0) <= l1_coeff <= max_l1_coeff:
             raise ValueError(f"need min_l1_coeff <= l1_coeff <= max_l1_coeff, got {min_l1_coeff!r}, "
                              f"{l1_coeff!r}, {max_l1_coeff!r}")
         self.min_l1_coeff, self.max_l1_coeff = min_l1_coeff, max_l1_coeff
@@ -98,8 +115,12 @@ class ReLURouter(GatedRouter):
         if count > 0:
             sparsity = 1.0 - active / count
             for r in routers:
-                r.l1_coeff *= r.alpha if sparsity < r.target_sparsity else 1.0 / r.alpha
-                r.l1_coeff.clamp_(r.min_l1_coeff, r.max_l1_coeff)
+                if sparsity < r.target_sparsity:  # divide rather than multiply by 1/alpha: the reference's rounding
+                    r.l1_coeff *= r.alpha
+                else:
+                    r.l1_coeff /= r.alpha
+                floor = r.min_l1_coeff if r.min_l1_coeff is not None else torch.finfo(r.l1_coeff.dtype).tiny
+                r.l1_coeff.clamp_(floor, r.max_l1_coeff)
         for r in routers:
             r.active_accum.zero_()
             r.count_accum.zero_()
