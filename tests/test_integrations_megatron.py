@@ -337,6 +337,20 @@ def test_balance_losses_equal_mcore(mcore, score_func):
     tracker.clear()
 
 
+def test_spec_goes_into_a_gpt_layer_spec(mcore):
+    """The README's use: mcore's local GPT layer spec with our MoE spec as its mlp builds a TransformerLayer whose
+    MoE layer routes with ours (the layer's attention needs mcore's CUDA RNG tracker, so only its MLP runs)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    spec = get_gpt_layer_local_spec(num_experts=E)
+    spec.submodules.mlp = mg.moe_layer_spec("relu", num_experts=E)
+    layer = build_module(spec, config=make_config(), layer_number=1)
+    assert isinstance(layer.mlp.router, mg.MegatronRouter) and layer.mlp.router.layer_number == 1
+    y, _ = layer.mlp(torch.randn(3, 2, D))
+    assert y.shape == (3, 2, D) and torch.isfinite(y).all()
+
+
 def test_builder_accepts_newer_keywords_and_checks_its_router(mcore):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
