@@ -165,6 +165,19 @@ def test_mcore_layer_with_our_router_equals_our_layer(mcore, case):
         assert_close(layer.router.last_aux_losses[name], value, f"{name} value")
 
 
+def test_erc_and_dpsl_losses_read_the_bound_experts(mcore):
+    losses = lambda: [mr.ERCLoss(0.5, generator=torch.Generator().manual_seed(0)), mr.DPSLoss(0.1)]  # noqa: E731
+    torch.manual_seed(8)
+    layer = build(mg.moe_layer_spec("topk", num_experts=E, losses=losses()), make_config())
+    with pytest.raises(ValueError, match="bind_experts"):
+        layer(torch.randn(3, 2, D))
+    assert mg.bind_experts(layer) == 1
+    ours = ours_like(layer, losses=losses())
+    run_both(layer, ours, torch.randn(7, 3, D))
+    assert_same_grads(layer, ours)
+    assert set(layer.router.last_aux_losses) == {"erc", "dpsl"}
+
+
 def test_padding_mask_reaches_the_losses(mcore):
     losses = lambda: [mr.SwitchAuxLoss(1e-1), mr.SequenceAuxLoss(1e-1), mr.ZLoss(1e-2)]  # noqa: E731
     torch.manual_seed(1)
