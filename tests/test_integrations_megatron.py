@@ -13,11 +13,11 @@ functions and its ``_apply_*`` loss methods on logits instead.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 
 import pytest
 import torch
@@ -96,22 +96,14 @@ def build(spec, config, layer_number=1):
 def ours_like(layer, router=None, **kw) -> mr.MoELayer:
     """Our MoELayer with the mcore layer's router and expert weights (SwiGLU: fc1 = [gate; up])."""
     inner = layer.router.router
-    ours = mr.MoELayer(D, FF, E, inner.top_k, router=router if router is not None else _same_router(inner),
+    ours = mr.MoELayer(D, FF, E, inner.top_k, router=router if router is not None else copy.deepcopy(inner),
                        backend="torch", **kw)
-    if router is None:
-        ours.router.load_state_dict(inner.state_dict())
     with torch.no_grad():
         for e, mlp in enumerate(layer.experts.local_experts):
             ours.experts.w_gate[e].copy_(mlp.linear_fc1.weight[:FF].t())
             ours.experts.w_up[e].copy_(mlp.linear_fc1.weight[FF:].t())
             ours.experts.w_down[e].copy_(mlp.linear_fc2.weight.t())
     return ours
-
-
-def _same_router(inner):
-    import copy
-
-    return copy.deepcopy(inner)
 
 
 def assert_close(got, want, what):
@@ -380,77 +372,16 @@ def test_builder_accepts_newer_keywords_and_checks_its_router(mcore):
 
 # --- expert-model-parallel size 2: two gloo processes ---
 
-_EP2_SCRIPT = textwrap.dedent('''
-    import contextlib, sys, torch, torch.distributed as dist, torch.nn.functional as F
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    class Stream:
-        def __init__(self, *a, **k): pass
-        def wait_stream(self, s): pass
-        def record_event(self): return type("Event", (), {"synchronize": lambda self: None})()
-    torch.cuda.Stream, torch.cuda.current_stream = Stream, lambda *a, **k: Stream()
-    torch.cuda.stream = lambda s: contextlib.nullcontext()
-    import megatron.core.transformer.moe.token_dispatcher as td
-    td.maybe_move_tensor_to_cpu = lambda t, as_numpy=False, record_stream=False: (
-        t.numpy() if as_numpy and torch.is_tensor(t) else t)
-    rank, path, dispatcher, router = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method="file://" + path, rank=rank, world_size=2)
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.spec_utils import build_module
-    from megatron.core.transformer.transformer_config import TransformerConfig
-    import moe_routing as mr
-    from moe_routing.integrations.megatron import moe_layer_spec
-    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
-    E, D, FF, K = 4, 16, 24, 2
-    extra = {"moe_expert_capacity_factor": float(E), "moe_router_load_balancing_type": "none"} if router == "relu" else {}
-    cfg = TransformerConfig(num_layers=1, hidden_size=D, ffn_hidden_size=FF, num_attention_heads=1,
-        num_moe_experts=E, moe_router_topk=K, moe_ffn_hidden_size=FF, use_cpu_initialization=True,
-        moe_token_dispatcher_type=dispatcher, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        params_dtype=torch.float32, moe_aux_loss_coeff=0.0, expert_model_parallel_size=2, **extra)
-    kw = {"l1_coeff": 0.1} if router == "relu" else {"losses": [mr.SwitchAuxLoss(0.1)]}
-    layer = build_module(moe_layer_spec(router, num_experts=E, **kw), config=cfg, layer_number=1)
-    torch.manual_seed(0)  # the same full layer on both ranks; each rank holds experts 2r, 2r+1
-    ours = mr.MoELayer(D, FF, E, K, router=router, backend="torch", router_kwargs=kw.get("l1_coeff") and {"l1_coeff": 0.1},
-                       losses=kw.get("losses"))
-    with torch.no_grad():
-        layer.router.router.load_state_dict(ours.router.state_dict())
-        for i, m in enumerate(layer.experts.local_experts):
-            e = 2 * rank + i
-            m.linear_fc1.weight.copy_(torch.cat([ours.experts.w_gate[e].t(), ours.experts.w_up[e].t()]))
-            m.linear_fc2.weight.copy_(ours.experts.w_down[e].t())
-    xs = [torch.randn(6, 3, D, generator=torch.Generator().manual_seed(10 + r)) for r in range(2)]
-    x = xs[rank].clone().requires_grad_()
-    y, _ = layer(x)
-    y.square().sum().backward()
-    def close(a, b, what):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6 * float(b.abs().max().clamp_min(1e-6)),
-                                   msg=lambda m: f"rank {rank} {what}: {m}")
-    down = 0  # an expert's gradient sums the tokens of both ranks
-    for r in range(2):
-        ours.zero_grad()
-        x2 = xs[r].transpose(0, 1).clone().requires_grad_()
-        y2 = ours(x2)
-        y2.square().sum().backward()
-        down = down + ours.experts.w_down.grad
-        if r == rank:
-            close(y.transpose(0, 1), y2, "output")
-            close(x.grad.transpose(0, 1), x2.grad, "input gradient")
-            close(layer.router.router.weight.grad, ours.router.weight.grad, "router gradient")
-    for i, m in enumerate(layer.experts.local_experts):
-        close(m.linear_fc2.weight.grad.t(), down[2 * rank + i], f"expert {2 * rank + i} fc2 gradient")
-    dist.destroy_process_group()
-    print("ok", rank)
-''')
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dispatcher,router", [("alltoall", "topk"), ("alltoall", "relu"), ("allgather", "topk")])
 def test_expert_parallel_2_over_gloo_equals_our_layer(tmp_path, dispatcher, router):
-    script = tmp_path / "ep2.py"
-    script.write_text(_EP2_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mcore_ep2_worker.py")
+    root = os.path.dirname(os.path.dirname(script))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     rdzv = str(tmp_path / "rdzv")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), rdzv, dispatcher, router], env=env,
+    procs = [subprocess.Popen([sys.executable, script, str(r), rdzv, dispatcher, router], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs = []
     for p in procs:

@@ -256,7 +256,8 @@ class RouterBuilder:
 
     def __call__(self, *, config: Any, pg_collection: Any = None, is_mtp_layer: bool = False,
                  **_newer_kwargs: Any) -> MegatronRouter:
-        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        on_cpu = config.use_cpu_initialization or not torch.cuda.is_available()
+        device = "cpu" if on_cpu else torch.cuda.current_device()
         kwargs = dict(self.router_kwargs)
         top_k = kwargs.pop("top_k", config.moe_router_topk)
         recurrent = self.router == "recurrent" or self.group is not None
