@@ -141,6 +141,7 @@ CASES = {
     "topk_sigmoid": ("topk", {"score_func": "sigmoid"},
                      lambda: [mr.SwitchAuxLoss(1e-1), mr.SequenceAuxLoss(1e-1), mr.ZLoss(1e-2)]),
     "relu": ("relu", {"l1_coeff": 1e-1}, lambda: None),  # ReMoE's L1 (the default loss)
+    "expert_choice": ("expert_choice", {}, lambda: [mr.ZLoss(1e-2)]),
 }
 
 
