@@ -344,16 +344,19 @@ def test_balance_losses_equal_mcore(mcore, score_func):
 
 
 def test_spec_goes_into_a_gpt_layer_spec(mcore):
-    """The README's use: mcore's local GPT layer spec with our MoE spec as its mlp builds a TransformerLayer whose
-    MoE layer routes with ours (the layer's attention needs mcore's CUDA RNG tracker, so only its MLP runs)."""
+    """The README's example builds a GPTModel whose MoE layers route with ours (its attention needs mcore's CUDA
+    RNG tracker, so only an MoE layer runs here)."""
+    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import build_module
 
-    spec = get_gpt_layer_local_spec(num_experts=E)
-    spec.submodules.mlp = mg.moe_layer_spec("relu", num_experts=E)
-    layer = build_module(spec, config=make_config(), layer_number=1)
-    assert isinstance(layer.mlp.router, mg.MegatronRouter) and layer.mlp.router.layer_number == 1
-    y, _ = layer.mlp(torch.randn(3, 2, D))
+    config = make_config(num_attention_heads=2)
+    layer_spec = get_gpt_layer_local_spec(num_experts=E)
+    layer_spec.submodules.mlp = mg.moe_layer_spec("relu", num_experts=E)
+    model = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=32, max_sequence_length=8)
+    moe = [layer.mlp for layer in model.decoder.layers]
+    assert [m.router.layer_number for m in moe] == [1, 2]
+    assert all(isinstance(m.router, mg.MegatronRouter) for m in moe)
+    y, _ = moe[1](torch.randn(3, 2, D))
     assert y.shape == (3, 2, D) and torch.isfinite(y).all()
 
 
