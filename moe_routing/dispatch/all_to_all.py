@@ -6,8 +6,8 @@ forward, each rank:
    contiguous, rank by rank -- and permutes its token rows into that order (as `LocalDispatcher` does);
 2. exchanges counts first: pairs per (destination rank, local expert), with `torch.distributed.all_to_all_single`
    on a small int64 tensor that also carries each rank's layer settings (a mismatch raises on every rank);
-3. reads the split sizes on the host -- the ONE host sync per layer forward: an uneven exchange needs its
-   sizes there -- and exchanges the token rows with the differentiable
+3. reads the split sizes on the host -- the ONE host sync per layer forward (plus capacity mode's compaction,
+   as on one device): an uneven exchange needs its sizes there; the backward reuses them -- and exchanges the token rows with the differentiable
    `torch.distributed.nn.functional.all_to_all_single` (its backward is the reverse exchange);
 4. orders the received rows (grouped by source rank, then local expert) by local expert for the grouped GEMM.
 `combine` undoes 4, runs the reverse exchange (the same differentiable collective with the splits swapped) and
