@@ -1,6 +1,7 @@
 """moe_routing: Mixture-of-Experts routers, balance losses, dispatch ops and a drop-in MoE layer."""
 from .control import attach, aux_losses, moe_layers, routing_context, set_aux_loss_scale, step, total_aux_loss
 from .decision import RoutingContext, RoutingDecision
+from .dispatch import AllToAllDispatcher, Dispatcher, LocalDispatcher, reshard_expert_state_dicts
 from .experts import GroupedExperts, SharedExperts
 from .layer import MoELayer
 from .losses import (DPSLoss, ERCLoss, GlobalBatchAuxLoss, Loss, LossInputs, LossOutput, ReLUL1Loss,
@@ -21,4 +22,4 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "ZLoss", "ERCLoss", "DPSLoss", "step", "set_aux_loss_scale", "aux_losses", "total_aux_loss", "moe_layers",
            "routing_report", "format_routing_report",
            "MultiHashFFN", "count_tokens", "frequency_balanced_expert_map", "id_balanced_expert_map", "hyper_top_k",
-           "set_hyper_top_k"]
+           "set_hyper_top_k", "Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "reshard_expert_state_dicts"]

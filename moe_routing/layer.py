@@ -7,15 +7,13 @@ import torch
 from torch import Tensor, nn
 
 from .decision import RoutingContext, RoutingDecision
-from .experts import GroupedExperts, SharedExperts
+from .dispatch import Dispatcher, LocalDispatcher
+from .experts import SharedExperts
 from .losses.attach import inject_aux_loss
 from .losses.base import Loss, LossInputs
 from .metrics import layer_stats
 from .ops.backend import check_backend_name, resolve_backend
-from .ops.capacity import DROP_POLICIES, capacity_keep_mask, expert_capacity
-from .ops.combine import combine
-from .ops.counts import expert_counts, invert_permutation, sort_by_expert
-from .ops.permute import permute
+from .ops.capacity import DROP_POLICIES, expert_capacity
 from .routers import ROUTERS, Router
 from .settings import debug_checks
 from .validation import check_bool, check_int
@@ -42,6 +40,9 @@ class MoELayer(nn.Module):
         return_aux_loss: return ``(y, aux_loss)`` instead of injecting the aux loss into the backward.
         layer_idx: key of this layer's state in a `RoutingContext` (assigned by `routing_context` if None).
         track_stats: keep per-forward routing stats in ``last_stats`` (read by `routing_report`).
+        dispatcher: how routed tokens reach the experts (`moe_routing.dispatch`); None = `LocalDispatcher` (all
+            experts on this device). An `AllToAllDispatcher` shards the experts over its group: ``experts`` then
+            holds this rank's shard.
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int = 2,
@@ -49,7 +50,8 @@ class MoELayer(nn.Module):
                  capacity_factor: Optional[float] = None, num_shared_experts: int = 0, backend: str = "auto", *,
                  router_kwargs: Optional[dict] = None, drop_policy: str = "weight", expert_impl: str = "auto",
                  losses: Optional[Sequence[Loss]] = None, return_aux_loss: bool = False,
-                 layer_idx: Optional[int] = None, track_stats: bool = True, device=None, dtype=None) -> None:
+                 layer_idx: Optional[int] = None, track_stats: bool = True,
+                 dispatcher: Optional[Dispatcher] = None, device=None, dtype=None) -> None:
         super().__init__()
         check_int("hidden_size", hidden_size, 1)
         check_int("num_experts", num_experts, 1)
@@ -63,6 +65,10 @@ class MoELayer(nn.Module):
             expert_capacity(capacity_factor, 1, 1, 1)  # validates > 0
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+        if dispatcher is not None and not isinstance(dispatcher, Dispatcher):
+            raise TypeError(f"dispatcher must be a moe_routing.dispatch.Dispatcher or None, got "
+                            f"{type(dispatcher).__name__}")
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.backend = check_backend_name(backend)
@@ -74,8 +80,10 @@ class MoELayer(nn.Module):
         self.register_buffer("aux_loss_scale", torch.ones((), dtype=torch.float32, device=device),
                              persistent=False)
         self.router = self._build_router(router, router_kwargs or {}, device, dtype)
-        self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, expert_impl,
-                                      device=device, dtype=dtype)
+        config = {"top_k": top_k, "router": type(self.router).__name__, "capacity_factor": capacity_factor,
+                  "drop_policy": drop_policy, "num_shared_experts": num_shared_experts}
+        self.experts = self.dispatcher.build_experts(num_experts, hidden_size, ffn_hidden_size, activation,
+                                                     expert_impl, config=config, device=device, dtype=dtype)
         self.shared_experts = (SharedExperts(hidden_size, num_shared_experts * ffn_hidden_size, activation,
                                              device=device, dtype=dtype) if num_shared_experts else None)
         self.losses = list(self.router.default_losses() if losses is None else losses)
@@ -160,7 +168,8 @@ class MoELayer(nn.Module):
         ctx = ctx if ctx is not None else self._ctx
         x_TD = x.reshape(-1, self.hidden_size)
         T = x_TD.shape[0]
-        if T == 0:
+        # a collective dispatcher's rank with no tokens still runs: it may hold experts other ranks route to
+        if T == 0 and not self.dispatcher.collective:
             # nothing was routed: stale stats of the previous batch must not be reported as this one's
             self.last_stats, self.last_aux_losses = {}, {}
             y = x * 0  # empty; stays in x's graph so a backward through an empty micro-batch works
@@ -222,31 +231,8 @@ class MoELayer(nn.Module):
         return total, stats
 
     def _dispatch(self, x_TD: Tensor, d: RoutingDecision, valid_T: Optional[Tensor], backend: str):
-        token_N, expert_N, weight_N, top_k = d.token_N, d.expert_N, d.weight_N, d.top_k
-        T, E = x_TD.shape[0], self.num_experts
-        # a fixed-k decision bounds every token's pair count by k, before and after capacity drops
-        max_pairs = d.top_k
-        valid_N = None if valid_T is None else valid_T.index_select(0, token_N)
-        # counts as device tensors (torch.full, not new_tensor: no host-to-device copy)
-        routed = (torch.full((), token_N.numel(), dtype=torch.int64, device=token_N.device) if valid_N is None
-                  else valid_N.sum())
-        dropped = torch.zeros_like(routed)
-        if self.capacity_factor is not None:
-            # the non-padding count stays on the device (exact integer capacity, no sync)
-            num_valid = T if valid_T is None else valid_T.sum()
-            cap = expert_capacity(self.capacity_factor, num_valid, self.top_k, E, max_tokens=T)
-            keep_N = capacity_keep_mask(expert_N, weight_N, E, cap, self.drop_policy, valid_N)
-            dropped = routed - keep_N.sum()
-            # the one unavoidable sync of capacity mode: how many pairs survive sizes every later tensor
-            kept_N = keep_N.nonzero().squeeze(1)
-            token_N, expert_N, weight_N = token_N[kept_N], expert_N[kept_N], weight_N[kept_N]
-            top_k, valid_N = None, None
-        pair_of_row_N, counts_E, offsets_E1 = sort_by_expert(expert_N, E, backend)
-        x_ND = permute(x_TD, token_N[pair_of_row_N], backend, top_k=top_k, max_pairs=max_pairs)
+        x_ND, counts_E, offsets_E1, meta = self.dispatcher.dispatch(
+            x_TD, d, valid_T, top_k=self.top_k, capacity_factor=self.capacity_factor, drop_policy=self.drop_policy,
+            backend=backend)
         h_ND = self._run(self.experts, x_ND, counts_E, offsets_E1)
-        # indices from the router and sort_by_expert: valid by construction, so no per-forward host check
-        y_TD = combine(h_ND, weight_N, invert_permutation(pair_of_row_N), token_N, T, top_k, backend,
-                       max_pairs=max_pairs, check_indices=False)
-        load_E = counts_E if valid_N is None else expert_counts(expert_N, E, valid_N.long())
-        return y_TD, load_E, routed, dropped
-
+        return self.dispatcher.combine(h_ND, meta), meta.load_E, meta.routed, meta.dropped
