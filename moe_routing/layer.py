@@ -30,7 +30,7 @@ class MoELayer(nn.Module):
         hidden_size: D.  ffn_hidden_size: F, each expert's hidden size.  num_experts: E.
         top_k: experts per token (nominal k for variable-k routers, used by losses and capacity).
         router: a name from `moe_routing.routers.ROUTERS` ("topk", "relu", "sinkhorn", "expert_choice", "hash",
-            "hyper") or a `Router` instance (its E, D and top_k must match).
+            "hyper", "blockffn", "mor") or a `Router` instance (its E, D and top_k must match).
         router_kwargs: extra arguments when ``router`` is a name (e.g. ``{"score_func": "sigmoid"}``).
         activation: "swiglu" | "gelu" | "relu".
         capacity_factor: None = dropless; else capacity ``ceil(cf * T * k / E)`` per expert.

@@ -106,7 +106,8 @@ class Router(nn.Module, ABC):
         return None
 
     def sparsity_coeff(self) -> Optional[Tensor]:
-        """The L1 sparsity coefficient this router's controller sets (ReMoE's lambda), or None."""
+        """The sparsity-loss coefficient this router's controller sets (ReMoE's L1 lambda, BlockFFN's CSL lambda),
+        or None."""
         return None
 
     # --- per-optimizer-step controllers ---
