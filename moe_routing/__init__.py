@@ -14,6 +14,10 @@ from .multihash import MultiHashFFN
 from .routers.hash import count_tokens, frequency_balanced_expert_map, id_balanced_expert_map
 from .routers.hyper import hyper_top_k, set_hyper_top_k
 
+# BlockFFN and Mixture of Routers (issue 17)
+from .losses import ActivationLocalityLoss, ChunkSparsificationLoss
+from .routers import BlockFFNRouter, MixtureOfRoutersRouter
+
 __version__ = "0.1.0"
 
 __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
@@ -22,4 +26,5 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "ZLoss", "ERCLoss", "DPSLoss", "step", "set_aux_loss_scale", "aux_losses", "total_aux_loss", "moe_layers",
            "routing_report", "format_routing_report",
            "MultiHashFFN", "count_tokens", "frequency_balanced_expert_map", "id_balanced_expert_map", "hyper_top_k",
-           "set_hyper_top_k", "Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "reshard_expert_state_dicts"]
+           "set_hyper_top_k", "Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "reshard_expert_state_dicts",
+           "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss"]

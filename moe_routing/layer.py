@@ -11,7 +11,7 @@ from .dispatch import Dispatcher, LocalDispatcher
 from .experts import SharedExperts
 from .losses.attach import inject_aux_loss
 from .losses.base import Loss, LossInputs
-from .metrics import layer_stats
+from .metrics import layer_stats, sparsity_stats
 from .ops.backend import check_backend_name, resolve_backend
 from .ops.capacity import DROP_POLICIES, expert_capacity
 from .routers import ROUTERS, Router
@@ -28,7 +28,7 @@ class MoELayer(nn.Module):
         hidden_size: D.  ffn_hidden_size: F, each expert's hidden size.  num_experts: E.
         top_k: experts per token (nominal k for variable-k routers, used by losses and capacity).
         router: a name from `moe_routing.routers.ROUTERS` ("topk", "relu", "sinkhorn", "expert_choice", "hash",
-            "hyper") or a `Router` instance (its E, D and top_k must match).
+            "hyper", "blockffn", "mor") or a `Router` instance (its E, D and top_k must match).
         router_kwargs: extra arguments when ``router`` is a name (e.g. ``{"score_func": "sigmoid"}``).
         activation: "swiglu" | "gelu" | "relu".
         capacity_factor: None = dropless; else capacity ``ceil(cf * T * k / E)`` per expert.
@@ -183,11 +183,18 @@ class MoELayer(nn.Module):
 
         decision = self.router(x_TD, ctx, self.layer_key, backend)
         aux, loss_stats = self._losses(decision, x, ctx, valid_T, seqs)
+        if loss_stats:
+            self.router.observe_loss_stats(loss_stats)
         y_TD, load_E, routed, dropped = self._dispatch(x_TD, decision, valid_T, backend)
         if self.shared_experts is not None:
             y_TD = y_TD + self._run(self.shared_experts, x_TD)
         if self.track_stats:
-            self.last_stats = {**layer_stats(decision, load_E, routed, dropped, valid_T), **loss_stats}
+            stats = layer_stats(decision, load_E, routed, dropped, valid_T)
+            if self.router.stats_chunk_len is not None:
+                seq_T, num_seqs = seqs if seqs is not None else self._sequences(x, ctx, T)
+                stats.update(sparsity_stats(decision.token_N, decision.expert_N, T, self.num_experts,
+                                            self.router.stats_chunk_len, seq_T, num_seqs, valid_T))
+            self.last_stats = {**stats, **loss_stats}
         y = y_TD.reshape(x.shape).to(x.dtype)
         if self.return_aux_loss:
             return y, aux

@@ -69,6 +69,55 @@ def layer_stats(decision: RoutingDecision, load_E: Tensor, routed_pairs: Tensor,
     return stats
 
 
+def chunk_ids(num_tokens: int, chunk_len: int, seq_T: Optional[Tensor] = None, num_seqs: int = 1,
+              device: Optional[torch.device] = None) -> tuple[Tensor, int]:
+    """Chunk of each token (int64 [T]) and a static bound C on the number of chunks.
+
+    A chunk is ``chunk_len`` consecutive positions of one sequence: token t at position p of its sequence is in
+    that sequence's chunk ``p // chunk_len``; a sequence's last chunk may be shorter. ``seq_T`` (int64 [T], each
+    sequence's tokens contiguous, as `MoELayer` builds it from a [B, S, D] input or ``RoutingContext.seq_lens``)
+    None means one sequence. Chunk ids are < C = ``T // chunk_len + num_seqs`` (a bound fixed by the shapes, so
+    no host sync); ids of chunks that do not exist stay unused.
+    """
+    if seq_T is None:
+        return torch.arange(num_tokens, device=device) // chunk_len, -(-num_tokens // chunk_len)
+    # index_add_ into [S], not bincount: bincount's output size depends on the data (a host sync)
+    counts_S = torch.zeros(num_seqs, dtype=torch.int64, device=seq_T.device)
+    counts_S.index_add_(0, seq_T, torch.ones_like(seq_T))
+    starts_S = counts_S.cumsum(0) - counts_S
+    pos_T = torch.arange(num_tokens, device=seq_T.device) - starts_S[seq_T]
+    chunks_S = (counts_S + chunk_len - 1) // chunk_len
+    chunk_start_S = chunks_S.cumsum(0) - chunks_S
+    return chunk_start_S[seq_T] + pos_T // chunk_len, num_tokens // chunk_len + num_seqs
+
+
+@torch.no_grad()
+def sparsity_stats(token_N: Tensor, expert_N: Tensor, num_tokens: int, num_experts: int, chunk_len: int,
+                   seq_T: Optional[Tensor] = None, num_seqs: int = 1,
+                   valid_T: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Token-level and chunk-level sparsity of the routed pairs (BlockFFN, arXiv 2507.08771).
+
+    ``tls``: the fraction of experts a token does not use, averaged over non-padding tokens. ``cls``: the
+    fraction of experts that no token of a chunk of ``chunk_len`` consecutive tokens uses (see `chunk_ids`),
+    averaged over chunks holding a non-padding token; padding tokens use no expert. Both 0 when every token is
+    padding.
+    """
+    w_T = torch.ones(num_tokens, device=token_N.device) if valid_T is None else valid_T.float()
+    w_N = w_T.index_select(0, token_N)
+    num_valid = w_T.sum()
+    tls = torch.where(num_valid > 0, 1.0 - w_N.sum().double() / (num_valid.double() * num_experts).clamp_min(1),
+                      torch.zeros((), dtype=torch.float64, device=w_T.device))
+    chunk_T, C = chunk_ids(num_tokens, chunk_len, seq_T, num_seqs, device=token_N.device)
+    used_CE = torch.zeros(C * num_experts, device=token_N.device).index_add_(
+        0, chunk_T.index_select(0, token_N) * num_experts + expert_N, w_N)
+    live_C = torch.zeros(C, device=token_N.device).index_add_(0, chunk_T, w_T) > 0
+    num_chunks = live_C.sum()
+    cls = torch.where(num_chunks > 0,
+                      1.0 - (used_CE > 0).sum().double() / (num_chunks.double() * num_experts).clamp_min(1),
+                      torch.zeros((), dtype=torch.float64, device=w_T.device))
+    return {"tls": tls, "cls": cls}
+
+
 def _to_python(v: Tensor):
     v = v.detach().cpu()
     return v.tolist() if v.dim() else v.item()

@@ -163,3 +163,22 @@ def test_same_seed_pairs_shared_init_across_routers():
         assert torch.equal(a.state_dict()[name], b.state_dict()[name])
         assert not torch.equal(a.state_dict()[name], c.state_dict()[name])
     assert torch.equal(a.blocks[0].ffn.experts.w_up, b.blocks[0].ffn.experts.w_up)  # same FFN stream too
+
+
+@pytest.mark.parametrize("router", ["blockffn", "mor"])
+def test_blockffn_and_mor_builders_train_a_step(router):
+    p = get_preset("smoke")
+    model = build_model(p, router, 0, 256)
+    ids = torch.randint(0, 256, (2, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    handle = mr.attach(model, opt)
+    model(ids).float().logsumexp(-1).mean().backward()
+    opt.step()
+    handle.remove()
+    layer = model.blocks[0].ffn
+    assert all(torch.isfinite(p_.grad).all() for p_ in layer.router.parameters() if p_.grad is not None)
+    if router == "blockffn":
+        assert {"tls", "cls", "csl", "activation_locality"} <= set(layer.last_stats)
+        assert layer.router.csl_steps.item() == 1  # the attached controller ran
+    else:
+        assert type(layer.router).__name__ == "MixtureOfRoutersRouter" and layer.router.num_routers == 4

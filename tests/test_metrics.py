@@ -209,3 +209,34 @@ def test_capacity_drop_stats_per_policy(policy):
             h = (torch.nn.functional.silu(x[t] @ ex.w_gate[e]) * (x[t] @ ex.w_up[e])) @ ex.w_down[e]
             expected[t] += w[t, j] * h.detach()
     torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_ids_restart_per_sequence_within_the_static_bound():
+    from moe_routing.metrics import chunk_ids
+
+    seq = torch.tensor([0] * 5 + [1] + [2] * 7)
+    ids, bound = chunk_ids(13, 3, seq, 3)
+    # sequence 0: positions 0-2 -> 0, 3-4 -> 1; sequence 1: 2; sequence 2: 3, 3, 3, 4, 4, 4, 5
+    assert ids.tolist() == [0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 4, 5]
+    assert bound >= 6 and bound == 13 // 3 + 3
+    ids, bound = chunk_ids(7, 3)
+    assert ids.tolist() == [0, 0, 0, 1, 1, 1, 2] and bound == 3
+    assert chunk_ids(4, 3, torch.tensor([0, 0, 2, 2]), 3)[0].tolist() == [0, 0, 1, 1]  # an empty sequence
+
+
+def test_sparsity_stats_run_without_host_syncs():
+    from moe_routing.losses.blockffn import activation_locality_loss, chunk_sparsification_loss
+    from moe_routing.metrics import sparsity_stats
+
+    from helpers import OpLog
+
+    g = torch.Generator().manual_seed(0)
+    seq, valid = torch.tensor([0] * 6 + [1] * 4), torch.rand(10, generator=g) > 0.2
+    logits = torch.randn(10, 4, generator=g).requires_grad_()
+    token_N, expert_N = (logits.detach() > 0).nonzero(as_tuple=True)
+    with OpLog() as log:
+        stats = sparsity_stats(token_N, expert_N, 10, 4, 3, seq, 2, valid)
+        chunk_sparsification_loss(logits, 3, seq, 2, valid).backward()
+        activation_locality_loss(logits, seq, valid).backward()
+    assert log.syncing() == []
+    assert 0 <= stats["tls"].item() <= 1 and 0 <= stats["cls"].item() <= 1

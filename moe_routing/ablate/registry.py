@@ -14,6 +14,8 @@ from ..layer import MoELayer
 from ..losses.balance import SwitchAuxLoss
 from ..losses.dpsl import DPSLoss
 from ..losses.erc import ERCLoss
+from ..routers.blockffn import BlockFFNRouter
+from ..routers.mor import MixtureOfRoutersRouter
 from ..routers.recurrent import RecurrentRouterGroup
 from ..routers.relu import ReLURouter
 from ..routers.topk import TopKRouter
@@ -71,6 +73,23 @@ def build_topk_dpsl(p: Preset) -> Built:
     return _topk_layers(p, lambda: [DPSLoss()])
 
 
+def build_blockffn(p: Preset) -> Built:
+    """BlockFFN: ReLU + RMSNorm gates with its default losses (activation locality 2e-3, chunk sparsification with
+    the adaptive coefficient, chunks of 64); k is nominal. tls / cls (8-token chunks) land in the layer stats."""
+    return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
+                     router=BlockFFNRouter(p.d_model, p.num_experts, p.top_k, init_std=p.init_std), layer_idx=i)
+            for i in range(p.n_layers)], None
+
+
+def build_mor(p: Preset) -> Built:
+    """Mixture of Routers: 4 sub-routers weighted by a main router, switch aux loss 1e-2 (gates renormalised over
+    the k chosen for k >= 2; Switch-style at k = 1)."""
+    return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
+                     router=MixtureOfRoutersRouter(p.d_model, p.num_experts, p.top_k, num_routers=4,
+                                                   init_std=p.init_std),
+                     losses=[SwitchAuxLoss(1e-2)], layer_idx=i) for i in range(p.n_layers)], None
+
+
 ROUTER_BUILDERS: dict[str, Callable[[Preset], Built]] = {
     "dense": build_dense,
     "topk": build_topk,
@@ -78,6 +97,8 @@ ROUTER_BUILDERS: dict[str, Callable[[Preset], Built]] = {
     "rmoe": build_rmoe,
     "topk+erc": build_topk_erc,
     "topk+dpsl": build_topk_dpsl,
+    "blockffn": build_blockffn,
+    "mor": build_mor,
 }
 
 

@@ -29,7 +29,8 @@ class LossInputs:
         training: whether the layer is in training mode (losses that only shape parameters skip eval).
         gate_weight_ED: the router's [E, D] input-to-logit projection (`Router.gate_weight_ED`), or None.
         expert_gate_EDF: the experts' SwiGLU gate projection ``w_gate`` [E, D, F], or None (GELU/ReLU experts).
-        l1_coeff: the adaptive L1 coefficient a router's controller sets (`Router.sparsity_coeff`), or None.
+        l1_coeff: the adaptive coefficient a router's controller sets (`Router.sparsity_coeff`: ReMoE's L1
+            lambda, BlockFFN's chunk-sparsification lambda), or None.
     """
 
     decision: RoutingDecision

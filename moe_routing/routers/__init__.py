@@ -1,8 +1,10 @@
 """Routers decide which experts each token uses; they never dispatch."""
 from .base import GatedRouter, Router
+from .blockffn import BlockFFNRouter
 from .expert_choice import ExpertChoiceRouter
 from .hash import HashRouter
 from .hyper import HyperRouter
+from .mor import MixtureOfRoutersRouter
 from .recurrent import RecurrentRouter, RecurrentRouterGroup
 from .relu import ReLURouter
 from .sinkhorn import SinkhornRouter
@@ -10,7 +12,8 @@ from .topk import TopKRouter
 
 # Routers a layer can build by name (the recurrent router needs its model-level group, so it is not here).
 ROUTERS = {"topk": TopKRouter, "relu": ReLURouter, "sinkhorn": SinkhornRouter, "expert_choice": ExpertChoiceRouter,
-           "hash": HashRouter, "hyper": HyperRouter}
+           "hash": HashRouter, "hyper": HyperRouter, "blockffn": BlockFFNRouter, "mor": MixtureOfRoutersRouter}
 
 __all__ = ["Router", "GatedRouter", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
-           "ExpertChoiceRouter", "HashRouter", "HyperRouter", "ROUTERS"]
+           "ExpertChoiceRouter", "HashRouter", "HyperRouter", "BlockFFNRouter",
+           "MixtureOfRoutersRouter", "ROUTERS"]

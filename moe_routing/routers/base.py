@@ -56,6 +56,9 @@ class Router(nn.Module, ABC):
 
     #: variable-k routers (ReLU, expert choice) give each token 0..E experts; ``top_k`` is then nominal
     variable_k: ClassVar[bool] = False
+    #: chunk length L of the token- and chunk-level sparsity (``tls``, ``cls``) the layer adds to its stats for
+    #: this router; None (the default) skips them. BlockFFN's router sets 8; any router instance may set it.
+    stats_chunk_len: Optional[int] = None
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1) -> None:
         super().__init__()
@@ -103,10 +106,15 @@ class Router(nn.Module, ABC):
         return None
 
     def sparsity_coeff(self) -> Optional[Tensor]:
-        """The L1 sparsity coefficient this router's controller sets (ReMoE's lambda), or None."""
+        """The sparsity-loss coefficient this router's controller sets (ReMoE's L1 lambda, BlockFFN's CSL lambda),
+        or None."""
         return None
 
     # --- per-optimizer-step controllers ---
+    def observe_loss_stats(self, stats: dict[str, Tensor]) -> None:
+        """Called by the layer after its losses with their detached statistics, so a controller can follow a
+        loss value (BlockFFN's adaptive chunk-sparsification coefficient). Default: nothing."""
+
     def should_accumulate(self) -> bool:
         """Controller statistics count only in training forwards with grad enabled, and not in the
         recomputation a non-reentrant activation checkpoint runs inside backward (no double counting)."""
