@@ -17,6 +17,7 @@ from .ops.combine import combine
 from .ops.counts import expert_counts, invert_permutation, sort_by_expert
 from .ops.permute import permute
 from .routers import ROUTERS, Router
+from .selection import LayerRouting
 from .settings import debug_checks
 from .validation import check_bool, check_int
 
@@ -86,6 +87,8 @@ class MoELayer(nn.Module):
         self.last_stats: dict[str, Tensor] = {}
         self.last_aux_losses: dict[str, Tensor] = {}
         self._ctx: Optional[RoutingContext] = None
+        # replay / recording hooks and the selections kept for checkpoint recomputation (`selection.py`)
+        self._routing = LayerRouting()
 
     def _build_router(self, router, kwargs: dict, device, dtype=None) -> Router:
         if isinstance(router, Router):
@@ -172,14 +175,14 @@ class MoELayer(nn.Module):
         pad_T = ctx.padding_T(T) if ctx is not None else None
         valid_T = None if pad_T is None else ~pad_T
 
-        decision = self.router(x_TD, ctx, self.layer_key, backend)
+        decision, kept = self._routing.route(self, x_TD, ctx, backend)
         aux, loss_stats = self._losses(decision, x, ctx, valid_T, seqs)
         y_TD, load_E, routed, dropped = self._dispatch(x_TD, decision, valid_T, backend)
         if self.shared_experts is not None:
             y_TD = y_TD + self._run(self.shared_experts, x_TD)
         if self.track_stats:
             self.last_stats = {**layer_stats(decision, load_E, routed, dropped, valid_T), **loss_stats}
-        y = y_TD.reshape(x.shape).to(x.dtype)
+        y = self._routing.keep(y_TD.reshape(x.shape).to(x.dtype), kept)
         if self.return_aux_loss:
             return y, aux
         if aux.requires_grad and torch.is_grad_enabled():
