@@ -6,6 +6,7 @@ from .layer import MoELayer
 from .losses import (DPSLoss, ERCLoss, GlobalBatchAuxLoss, Loss, LossInputs, LossOutput, ReLUL1Loss,
                      SequenceAuxLoss, SwitchAuxLoss, ZLoss)
 from .metrics import format_routing_report, routing_report
+from .replay import RoutingRecord, record_routing, replay_routing
 from .routers import (ExpertChoiceRouter, GatedRouter, HashRouter, HyperRouter, RecurrentRouter, RecurrentRouterGroup,
                       ReLURouter, Router, SinkhornRouter, TopKRouter)
 
@@ -16,3 +17,5 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "GroupedExperts", "SharedExperts", "Loss", "SwitchAuxLoss", "SequenceAuxLoss", "GlobalBatchAuxLoss",
            "ZLoss", "ERCLoss", "DPSLoss", "step", "set_aux_loss_scale", "aux_losses", "total_aux_loss", "moe_layers",
            "routing_report", "format_routing_report"]
+# routing replay (R2/R3)
+__all__ += ["RoutingRecord", "record_routing", "replay_routing"]
