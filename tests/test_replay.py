@@ -357,3 +357,27 @@ def test_record_covers_grad_and_no_grad_calls_and_layers_called_one_by_one():
         for layer in model.layers:
             h = h + layer(h)
     assert torch.equal(one.experts_TLK, rec.experts_TLK[:T].sort(-1).values)  # replay sorts each token's set
+
+
+def test_kept_selections_die_with_their_graph_and_no_grad_slots_are_bounded():
+    from moe_routing.selection import NO_GRAD_SLOTS
+    model = Stack("topk")
+    layer = model.layers[0]
+    y = model(torch.randn(T, D))
+    assert len(layer._routing.kept()) == 1
+    y.sum().backward()
+    del y
+    assert layer._routing.kept() == []
+    with torch.no_grad():
+        model.eval()
+        model(torch.randn(T, D))
+        assert layer._routing.kept() == []  # inference keeps nothing
+        model.train()
+        for _ in range(NO_GRAD_SLOTS + 3):
+            model(torch.randn(T, D))
+    assert len(layer._routing.kept()) == NO_GRAD_SLOTS
+    assert layer._routing.kept()[0].selection.dtype == torch.uint8
+    import copy
+    import pickle
+    assert copy.deepcopy(model).layers[0]._routing.kept() == []
+    assert pickle.loads(pickle.dumps(model)).layers[0]._routing.kept() == []
