@@ -18,7 +18,8 @@ to own the selection: a no-grad forward of a layer in training mode whose parame
 selection in a bounded per-layer list (`NO_GRAD_SLOTS`, oldest dropped; compact uint8/int16 ids), read by
 fingerprint as above. Limits: at most `NO_GRAD_SLOTS` reentrant micro-batches in flight per layer (an older one's
 recomputation no longer finds its selection and routes afresh), and an eval-mode forward under a reentrant
-checkpoint keeps nothing (its recomputation routes afresh).
+checkpoint keeps nothing (its recomputation routes afresh). Inside a ``torch.compile`` graph nothing is kept (a
+Python object cannot ride through a traced graph): replay works there, checkpoint recompute safety is eager-only.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ class LayerRouting:
               backend: str) -> tuple[RoutingDecision, Optional[KeptSelection]]:
         """Route ``x_TD`` through ``layer.router`` with the selection this call must use; returns the decision
         and the selection to attach to the output (`keep`) when this forward builds a graph."""
-        recompute = in_recomputation()
+        recompute = not torch.compiler.is_compiling() and in_recomputation()
         forced = self._recomputed_selection(x_TD) if recompute else None
         if forced is None and self.replay is not None:
             forced = self.replay(x_TD.shape[0], x_TD.device)
@@ -131,6 +132,8 @@ class LayerRouting:
             return decision, None
         for record in self.recorders:
             record(decision)
+        if torch.compiler.is_compiling():
+            return decision, None  # a compiled graph keeps nothing (see the module docstring)
         if torch.is_grad_enabled():
             return decision, KeptSelection(selection_of(decision), fingerprint(x_TD))
         if layer.training and any(p.requires_grad for p in layer.parameters()):
