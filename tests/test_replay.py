@@ -381,3 +381,14 @@ def test_kept_selections_die_with_their_graph_and_no_grad_slots_are_bounded():
     import pickle
     assert copy.deepcopy(model).layers[0]._routing.kept() == []
     assert pickle.loads(pickle.dumps(model)).layers[0]._routing.kept() == []
+
+
+def test_hash_layer_fully_replayed_needs_no_token_ids():
+    model = Stack("hash")
+    target = random_experts(T, L, K, seed=15)
+    with record_routing(model) as rec, replay_routing(model, target):
+        model(torch.randn(T, D))
+    assert torch.equal(rec.experts_TLK.long(), target.sort(-1).values)
+    target[0] = -1  # a natively routed row needs the ids again
+    with pytest.raises(ValueError, match="HashRouter needs token ids"), replay_routing(model, target):
+        model(torch.randn(T, D))
