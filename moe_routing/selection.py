@@ -147,6 +147,8 @@ class LayerRouting:
         """``y`` carrying ``kept`` in its graph (unchanged when there is no graph to carry it)."""
         if kept is None or not y.requires_grad:
             return y
+        # dropping the dead references here bounds the list by the graphs alive (no growth over a long run)
+        self._with_graph = [r for r in self._with_graph if r() is not None]
         self._with_graph.append(weakref.ref(kept))
         return _KeepWithGraph.apply(y, kept)
 
