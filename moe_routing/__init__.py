@@ -8,6 +8,7 @@ from .losses import (DPSLoss, ERCLoss, GlobalBatchAuxLoss, Loss, LossInputs, Los
                      SequenceAuxLoss, SwitchAuxLoss, ZLoss)
 from .metrics import format_routing_report, routing_report
 from . import replay  # routing replay for RL: mr.replay.from_engine, pack_records, metrics, Megatron interop
+from .replay import RoutingRecord, record_routing, replay_routing
 from .routers import (ExpertChoiceRouter, GatedRouter, HashRouter, HyperRouter, RecurrentRouter, RecurrentRouterGroup,
                       ReLURouter, Router, SinkhornRouter, TopKRouter)
 from .multihash import MultiHashFFN
@@ -27,4 +28,5 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "routing_report", "format_routing_report",
            "MultiHashFFN", "count_tokens", "frequency_balanced_expert_map", "id_balanced_expert_map", "hyper_top_k",
            "set_hyper_top_k", "Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "reshard_expert_state_dicts",
-           "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss"]
+           "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss",
+           "RoutingRecord", "record_routing", "replay_routing"]

@@ -15,6 +15,7 @@ from .metrics import layer_stats, sparsity_stats
 from .ops.backend import check_backend_name, resolve_backend
 from .ops.capacity import DROP_POLICIES, expert_capacity
 from .routers import ROUTERS, Router
+from .selection import LayerRouting
 from .settings import debug_checks
 from .validation import check_bool, check_int
 
@@ -94,6 +95,8 @@ class MoELayer(nn.Module):
         self.last_stats: dict[str, Tensor] = {}
         self.last_aux_losses: dict[str, Tensor] = {}
         self._ctx: Optional[RoutingContext] = None
+        # replay / recording hooks and the selections kept for checkpoint recomputation (`selection.py`)
+        self._routing = LayerRouting()
 
     def _build_router(self, router, kwargs: dict, device, dtype=None) -> Router:
         if isinstance(router, Router):
@@ -181,7 +184,7 @@ class MoELayer(nn.Module):
         pad_T = ctx.padding_T(T) if ctx is not None else None
         valid_T = None if pad_T is None else ~pad_T
 
-        decision = self.router(x_TD, ctx, self.layer_key, backend)
+        decision, kept = self._routing.route(self, x_TD, ctx, backend)
         aux, loss_stats = self._losses(decision, x, ctx, valid_T, seqs)
         if loss_stats:
             self.router.observe_loss_stats(loss_stats)
@@ -195,7 +198,7 @@ class MoELayer(nn.Module):
                 stats.update(sparsity_stats(decision.token_N, decision.expert_N, T, self.num_experts,
                                             self.router.stats_chunk_len, seq_T, num_seqs, valid_T))
             self.last_stats = {**stats, **loss_stats}
-        y = y_TD.reshape(x.shape).to(x.dtype)
+        y = self._routing.keep(y_TD.reshape(x.shape).to(x.dtype), kept)
         if self.return_aux_loss:
             return y, aux
         if aux.requires_grad and torch.is_grad_enabled():

@@ -167,3 +167,80 @@ def test_lambda_floor_option_and_ceiling_keep_the_controller_alive():
         mr.ReLURouter(8, 4, 1, min_l1_coeff=float("nan"))
     with pytest.raises(ValueError, match="max_l1_coeff"):
         mr.ReLURouter(8, 4, 1, max_l1_coeff=float("inf"))
+
+
+# ---- routing replay of a routing map ---------------------------------------------------------------------------
+def _naive_forced_layer(x_TD, w_r, w_gate, w_up, w_down, map_TE):
+    """y_t = sum_{e in map_t} relu(w_r[e] . x_t) * SwiGLU_e(x_t): the replayed experts, relu gates."""
+    out = []
+    for t in range(x_TD.shape[0]):
+        acc = torch.zeros_like(x_TD[t])
+        for e in range(w_r.shape[0]):
+            if map_TE[t, e]:
+                gate = torch.relu(w_r[e] @ x_TD[t])
+                acc = acc + gate * ((F.silu(x_TD[t] @ w_gate[e]) * (x_TD[t] @ w_up[e])) @ w_down[e])
+        out.append(acc)
+    return torch.stack(out)
+
+
+def test_replayed_map_routes_those_pairs_with_relu_gates_and_gradients():
+    torch.manual_seed(20)
+    layer = mr.MoELayer(7, 5, 6, 2, router="relu", losses=[], layer_idx=0).double()
+    x = torch.randn(9, 7, dtype=torch.float64)
+    map_TE = torch.rand(9, 6, generator=torch.Generator().manual_seed(21)) < 0.5
+    logits = x @ layer.router.weight.detach().t()
+    assert ((logits <= 0) & map_TE).any() and ((logits > 0) & map_TE).any()  # both cases are exercised
+    d = layer.router(x, mr.RoutingContext(forced_experts={0: map_TE}), 0)
+    assert torch.equal(torch.stack([d.token_N, d.expert_N], 1), map_TE.nonzero())
+    torch.testing.assert_close(d.weight_N, torch.relu(logits)[map_TE])
+    with mr.replay_routing(layer, map_TE[:, None]):
+        y = layer(x)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    params = [p.detach().clone().requires_grad_(True) for p in (layer.router.weight, layer.experts.w_gate,
+                                                                 layer.experts.w_up, layer.experts.w_down)]
+    y_ref = _naive_forced_layer(x, *params, map_TE)
+    torch.testing.assert_close(y, y_ref)
+    (y_ref * w).sum().backward()
+    torch.testing.assert_close(layer.router.weight.grad, params[0].grad)
+
+
+def test_replayed_expert_with_a_non_positive_logit_gets_zero_gate_and_no_gradient():
+    torch.manual_seed(22)
+    layer = mr.MoELayer(4, 3, 3, 1, router="relu", losses=[], layer_idx=0)
+    x = torch.randn(1, 4)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.stack([x[0], -x[0], 0.5 * x[0]]))  # logits: +, -, +
+    forced = torch.tensor([[True, True, False]])
+    with mr.record_routing(layer) as rec, mr.replay_routing(layer, forced[:, None]):
+        y = layer(x)
+    assert torch.equal(rec.routing_map_TLE[:, 0], forced)  # still dispatched: N is the replayed count
+    assert layer.last_stats  # the layer ran normally
+    y.square().sum().backward()
+    g = layer.router.weight.grad
+    assert g[0].abs().sum() > 0 and torch.equal(g[1], torch.zeros(4)) and torch.equal(g[2], torch.zeros(4))
+    # the zero-gate expert contributes nothing: the output equals routing to expert 0 alone
+    with mr.replay_routing(layer, torch.tensor([[[True, False, False]]])):
+        assert torch.equal(layer(x), y.detach())
+
+
+def test_relu_record_replay_round_trip_after_weights_move_and_native_rows(tmp_path):
+    torch.manual_seed(23)
+    model = torch.nn.Sequential(mr.MoELayer(6, 4, 5, 2, router="relu"), mr.MoELayer(6, 4, 5, 2, router="relu"))
+    x = torch.randn(8, 6)
+    with mr.record_routing(model) as rec:
+        model(x)
+    assert rec.experts_TLK is None and rec.routing_map_TLE.shape == (8, 2, 5)
+    rec.save(tmp_path / "relu.safetensors")
+    rec = mr.RoutingRecord.load(tmp_path / "relu.safetensors", model=model)
+    with torch.no_grad():
+        for layer in model:
+            layer.router.weight.add_(torch.randn_like(layer.router.weight))
+    mask = torch.ones(8, dtype=torch.bool)
+    mask[0] = False
+    with mr.record_routing(model) as native:
+        model(x)
+    with mr.record_routing(model) as again, mr.replay_routing(model, rec, token_mask_T=mask):
+        model(x)
+    assert torch.equal(again.routing_map_TLE[1:], rec.routing_map_TLE[1:])
+    assert torch.equal(again.routing_map_TLE[0, 0], native.routing_map_TLE[0, 0])  # the masked token: native

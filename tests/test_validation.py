@@ -162,7 +162,7 @@ def test_forced_experts_checks():
     moe = layer(layer_idx=0)
     x = torch.randn(5, D)
     good = torch.tensor([[0, 1]] * 5)
-    for bad, what in [(torch.full((5, 2), E), "outside"), (torch.full((5, 2), -1), "outside"),
+    for bad, what in [(torch.full((5, 2), E), "outside"), (torch.full((5, 2), -2), "outside"),
                       (torch.zeros(5, 3, dtype=torch.long), "shape"), (torch.zeros(4, 2, dtype=torch.long), "shape"),
                       (torch.zeros(10, dtype=torch.long), "shape"), (torch.zeros(5, 2), "integer")]:
         with pytest.raises(ValueError, match=rf"forced_experts\[0\].*{what}"):

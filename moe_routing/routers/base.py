@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
-from ..settings import debug_checks
 from ..validation import check_bool, check_float, check_int
+from .forced import forced_experts_TK, forced_routing_map, forced_selection, reject_forced_experts  # noqa: F401
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -183,7 +183,11 @@ class GatedRouter(Router):
       experts). Replay (``ctx.forced_experts[layer_key]``) replaces ``select`` and keeps ``gates``, so replayed
       experts keep their weight and gradient. For extra statistics override ``choose`` instead.
     - variable-k routers set ``variable_k = True`` and implement ``choose_pairs(logits_TE, scores_TE, ctx)``
-      returning a `RoutingDecision`; they reject replay (there is no per-token [T, K] choice to force).
+      returning a `RoutingDecision`; replay of a routing map [T, E] needs ``forced_map`` and ``forced_pairs``
+      (ReLU has them; by default replay raises: there is no per-token [T, K] choice to force).
+
+    Replay rows holding -1 (any column) route natively: the router's ``select`` decides them (padding, tokens an
+    inference engine did not report), the rest keep the replayed experts.
 
     Args:
         hidden_size: D.  num_experts: E.  top_k: K in [1, E] (nominal for variable-k routers).
@@ -251,21 +255,38 @@ class GatedRouter(Router):
         """The routed pairs of a variable-k router."""
         raise NotImplementedError(f"{type(self).__name__} sets variable_k and must implement choose_pairs()")
 
+    def forced_map(self, ctx: Optional[RoutingContext], layer_key: object, num_tokens: int,
+                   device: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """A variable-k router's replayed routing map ``(chosen_TE bool, native_T bool or None)``, or
+        ``(None, None)`` without replay. Default: replay raises (a router that can replay overrides this and
+        `forced_pairs`)."""
+        reject_forced_experts(self, ctx, layer_key)
+        return None, None
+
+    def forced_pairs(self, chosen_TE: Tensor, native_T: Optional[Tensor], logits_TE: Tensor, scores_TE: Tensor,
+                     ctx: Optional[RoutingContext]) -> RoutingDecision:
+        """The routed pairs of a variable-k router replaying ``chosen_TE`` (rows ``native_T`` route natively)."""
+        raise NotImplementedError(f"{type(self).__name__} overrides forced_map and must implement forced_pairs()")
+
     # --- the shared path ---
     def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object,
               backend: str = "torch") -> RoutingDecision:
         T = x_TD.shape[0]
+        # replay is checked before any compute
         if self.variable_k:
-            reject_forced_experts(self, ctx, layer_key)
-            forced_TK = None
-        else:  # checked before any compute
-            forced_TK = forced_experts_TK(ctx, layer_key, T, self.top_k, self.num_experts, x_TD.device)
+            forced, native_T = self.forced_map(ctx, layer_key, T, x_TD.device)
+        else:
+            forced, native_T = forced_selection(ctx, layer_key, T, self.top_k, self.num_experts, x_TD.device)
         logits_TE, nonfinite = check_finite_logits(self.gating(x_TD, ctx), self.strict)
         scores_TE = self.scores(logits_TE)
         if self.variable_k:
-            decision = self.choose_pairs(logits_TE, scores_TE, ctx)
+            decision = (self.choose_pairs(logits_TE, scores_TE, ctx) if forced is None
+                        else self.forced_pairs(forced, native_T, logits_TE, scores_TE, ctx))
         else:
-            experts_TK, gates_TK, extra = self.choose(logits_TE, scores_TE, forced_TK, ctx, backend)
+            if native_T is not None:  # sentinel rows: the router's own choice there
+                native_TK = self.select(logits_TE, scores_TE.detach(), ctx)
+                forced = torch.where(native_T[:, None], native_TK, forced)
+            experts_TK, gates_TK, extra = self.choose(logits_TE, scores_TE, forced, ctx, backend)
             decision = RoutingDecision.from_topk(experts_TK, gates_TK, logits_TE, scores_TE,
                                                  scores_normalized=self.scores_normalized, extra=extra)
             decision.balance_experts_TK = self.balance_experts(scores_TE.detach())
@@ -330,39 +351,3 @@ def _all_finite(t: Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def reject_forced_experts(router: Router, ctx: Optional[RoutingContext], layer_key: object) -> None:
-    """Variable-k routers cannot replay a [T, K] choice: say so instead of silently ignoring it."""
-    if ctx is not None and layer_key in ctx.forced_experts:
-        raise ValueError(f"{type(router).__name__} does not support forced_experts (routing replay): it gives "
-                         "each token a variable number of experts, so there is no per-token [T, K] choice to "
-                         "replay")
-
-
-def forced_experts_TK(ctx: Optional[RoutingContext], layer_key: object, num_tokens: int, top_k: int,
-                      num_experts: int, device: torch.device) -> Optional[Tensor]:
-    """``ctx.forced_experts[layer_key]`` checked to be int [T, K] in [0, E) with distinct experts per token,
-    or None (routing replay).
-
-    The id range is always checked (outside the compiler); repeated experts within a token on the host for
-    CPU tensors, and on accelerators only with ``MOE_ROUTING_DEBUG=1`` (a second sync per forward).
-    """
-    if ctx is None or layer_key not in ctx.forced_experts:
-        return None
-    idx = ctx.forced_experts[layer_key]
-    if (not isinstance(idx, Tensor) or idx.shape != (num_tokens, top_k) or idx.is_floating_point()
-            or idx.is_complex() or idx.dtype == torch.bool):
-        got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
-        raise ValueError(f"forced_experts[{layer_key!r}] must be an integer tensor of shape [{num_tokens}, {top_k}], "
-                         f"got {got}")
-    if not torch.compiler.is_compiling() and num_tokens:
-        # an out-of-range id would index out of bounds in dispatch: always checked, a sync on accelerators
-        if bool(((idx < 0) | (idx >= num_experts)).any()):
-            raise ValueError(f"forced_experts[{layer_key!r}] has ids outside [0, {num_experts})")
-        if top_k > 1 and (idx.device.type == "cpu" or debug_checks()):
-            s = idx.sort(dim=1).values
-            if bool((s[:, 1:] == s[:, :-1]).any()):
-                raise ValueError(f"forced_experts[{layer_key!r}] repeats an expert within a token; each row must "
-                                 f"hold {top_k} distinct experts")
-    return idx.long().to(device)

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..decision import RoutingContext, RoutingDecision
 from ..settings import debug_checks
 from ..validation import check_int
-from .base import Router, forced_experts_TK, param_factory
+from .base import Router, forced_selection, param_factory
 
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B      # < 2**27, so a 32-bit value times it stays inside int64
@@ -185,23 +185,31 @@ class HashRouter(Router):
     def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object,
               backend: str = "torch") -> RoutingDecision:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
-        ids_T = None if ctx is None else ctx.token_ids_T(T)
-        if ids_T is None:
-            raise ValueError("HashRouter needs token ids: run the model inside "
-                             "`with moe_routing.routing_context(model, token_ids=ids):` (ids int [T] or [B, S]), "
-                             "or pass RoutingContext(token_ids=ids) to the layer")
-        ids_T = ids_T.to(x_TD.device).long()
-        if not torch.compiler.is_compiling() and T and (ids_T.device.type == "cpu" or debug_checks()):
-            high = self.vocab_size if self.vocab_size is not None else math.inf
-            lo, hi = int(ids_T.min()), int(ids_T.max())
-            if lo < 0 or hi >= high:
-                raise ValueError(f"token_ids must lie in [0, {high}) (vocab_size), got values in [{lo}, {hi}]")
-        experts_TK = forced_experts_TK(ctx, layer_key, T, K, E, x_TD.device)
-        if experts_TK is None:
-            experts_TK = (self.expert_map[ids_T] if self.expert_map is not None
-                          else hash_experts(ids_T, E, K, self.seed))
+        forced_TK, native_T = forced_selection(ctx, layer_key, T, K, E, x_TD.device)
+        if forced_TK is None or native_T is not None:  # a fully replayed call needs no token ids
+            experts_TK = self._hashed(T, ctx, x_TD.device)
+            if forced_TK is not None:
+                experts_TK = torch.where(native_T[:, None], experts_TK, forced_TK)
+        else:
+            experts_TK = forced_TK
         dtype = self._gate_dtype.dtype
         weights_TK = torch.full((T, K), 1.0 / K, dtype=dtype, device=x_TD.device)
         logits_TE = torch.zeros(T, E, dtype=dtype, device=x_TD.device)
         scores_TE = torch.zeros_like(logits_TE).scatter_(1, experts_TK, 1.0 / K)
         return RoutingDecision.from_topk(experts_TK, weights_TK, logits_TE, scores_TE)
+
+    def _hashed(self, T: int, ctx: Optional[RoutingContext], device: torch.device) -> Tensor:
+        """int64 [T, K] experts of the token ids in ``ctx`` (checked)."""
+        ids_T = None if ctx is None else ctx.token_ids_T(T)
+        if ids_T is None:
+            raise ValueError("HashRouter needs token ids: run the model inside "
+                             "`with moe_routing.routing_context(model, token_ids=ids):` (ids int [T] or [B, S]), "
+                             "or pass RoutingContext(token_ids=ids) to the layer")
+        ids_T = ids_T.to(device).long()
+        if not torch.compiler.is_compiling() and T and (ids_T.device.type == "cpu" or debug_checks()):
+            high = self.vocab_size if self.vocab_size is not None else math.inf
+            lo, hi = int(ids_T.min()), int(ids_T.max())
+            if lo < 0 or hi >= high:
+                raise ValueError(f"token_ids must lie in [0, {high}) (vocab_size), got values in [{lo}, {hi}]")
+        return self.expert_map[ids_T] if self.expert_map is not None else hash_experts(ids_T, self.num_experts,
+                                                                                      self.top_k, self.seed)

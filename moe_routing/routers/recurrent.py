@@ -66,6 +66,11 @@ def _not_in_backward() -> bool:
     return torch._C._current_graph_task_id() == -1
 
 
+def _recompute_hint() -> str:
+    return (" (this is an activation-checkpoint recomputation during backward: call backward inside the "
+            "routing_context block, or pass ctx through the checkpointed function)" if not _not_in_backward() else "")
+
+
 class RecurrentRouter(GatedRouter):
     """Layer ``layer_index`` of a `RecurrentRouterGroup` (build it through the group, which owns the GRU).
 
@@ -123,7 +128,8 @@ class RecurrentRouter(GatedRouter):
         prev = ctx.layer_state.get((self._group_key, i - 1))
         if prev is None:
             raise ValueError(f"RecurrentRouter layer {i} found no state from layer {i - 1} in this RoutingContext:"
-                             f" the group's layers must run in depth order 0..{i} within one forward")
+                             f" the group's layers must run in depth order 0..{i} within one forward"
+                             f"{_recompute_hint()}")
         generation = ctx.layer_state.get(gen_key, 0)
         if prev.generation != generation:
             raise ValueError(f"RecurrentRouter layer {i}: the state of layer {i - 1} in this RoutingContext is from "
@@ -152,9 +158,7 @@ class RecurrentRouter(GatedRouter):
     def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object,
               backend: str = "torch") -> RoutingDecision:
         if ctx is None:
-            where = (" (this is an activation-checkpoint recomputation during backward: call backward inside "
-                     "the routing_context block, or pass ctx through the checkpointed function)"
-                     if not _not_in_backward() else "")
+            where = _recompute_hint()
             raise ValueError(f"RecurrentRouter needs a RoutingContext to carry its state between layers{where}; "
                              f"{_CONTEXT_HINT}")
         return super().route(x_TD, ctx, layer_key, backend)

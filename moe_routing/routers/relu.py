@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..decision import RoutingContext, RoutingDecision
 from ..validation import check_float
-from .base import GatedRouter
+from .base import GatedRouter, forced_routing_map
 
 
 class ReLURouter(GatedRouter):
@@ -33,8 +33,17 @@ class ReLURouter(GatedRouter):
     The L1 loss (`ReLUL1Loss`, the default loss) receives ``l1_coeff`` through `LossInputs.l1_coeff`; the
     controller (`moe_routing.attach` / `moe_routing.step`) updates it once per optimizer step from the sparsity
     accumulated since the last step, averaged over all ReLU routers of the model (and data-parallel ranks):
-    ``lambda *= alpha`` if sparsity < target else ``lambda /= alpha``. Routing replay (``forced_experts``) is
-    not supported yet and raises.
+    ``lambda *= alpha`` if sparsity < target else ``lambda /= alpha``.
+
+    Routing replay: ``ctx.forced_experts[layer_key]`` is a routing map, bool [T, E] (or 0/1 integers where rows
+    holding -1 route natively); the replayed pairs are routed with gate ``relu(logit)`` (normalised by ``norm``
+    when set). A replayed expert whose logit is now <= 0 gets a gate of exactly 0 and no gradient: it is still
+    dispatched (the pair count N stays the replayed one, so shapes agree with the recorded forward) but
+    contributes nothing to the output, and its router logit gets no gradient. The ReLU's own subgradient is
+    kept on purpose: a straight-through gradient would train the router for a contribution the forward did not
+    make (a biased gradient), and in RL replay the pair was chosen by another policy, so pushing its logit up
+    is not the task loss's signal; the L1 loss and the task gradient of the experts still active steer the
+    router as they would natively. The sparsity statistic counts the replayed map.
 
     Where the controller differs from the reference (``training.py``): the reference averages per-(layer,
     micro-batch) sparsity ratios (``1 - nnz/numel`` over every token, padding included, divided by
@@ -89,7 +98,21 @@ class ReLURouter(GatedRouter):
         return gates_TE if self.norm is None else self.norm(gates_TE)
 
     def choose_pairs(self, logits_TE: Tensor, scores_TE: Tensor, ctx: Optional[RoutingContext]) -> RoutingDecision:
-        active_TE = logits_TE > 0
+        return self._pairs(logits_TE > 0, logits_TE, scores_TE, ctx)
+
+    def forced_map(self, ctx: Optional[RoutingContext], layer_key: object, num_tokens: int,
+                   device: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        return forced_routing_map(ctx, layer_key, num_tokens, self.num_experts, device)
+
+    def forced_pairs(self, chosen_TE: Tensor, native_T: Optional[Tensor], logits_TE: Tensor, scores_TE: Tensor,
+                     ctx: Optional[RoutingContext]) -> RoutingDecision:
+        if native_T is not None:
+            chosen_TE = torch.where(native_T[:, None], logits_TE > 0, chosen_TE)
+        return self._pairs(chosen_TE, logits_TE, scores_TE, ctx)
+
+    def _pairs(self, active_TE: Tensor, logits_TE: Tensor, scores_TE: Tensor,
+               ctx: Optional[RoutingContext]) -> RoutingDecision:
+        """The decision routing the pairs of ``active_TE`` bool [T, E] with gates ``scores_TE`` there."""
         token_N, expert_N = active_TE.nonzero(as_tuple=True)  # row-major: sorted by token
         pad_T = None if ctx is None else ctx.padding_T(logits_TE.shape[0])
         valid_active = active_TE if pad_T is None else active_TE[~pad_T]
