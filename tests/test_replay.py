@@ -43,7 +43,7 @@ FIXED_K = {"topk_softmax_then_topk": dict(router="topk", softmax_before_topk=Tru
            "topk_sigmoid": dict(router="topk", score_func="sigmoid"),
            "topk_groups_bias": dict(router="topk", num_groups=2, topk_groups=1, bias_update_rate=1e-3),
            "sinkhorn": dict(router="sinkhorn"), "hyper": dict(router="hyper"), "hash": dict(router="hash"),
-           "recurrent": dict(router="recurrent")}
+           "recurrent": dict(router="recurrent"), "mor": dict(router="mor")}
 
 
 def build(kind, **kw):
