@@ -6,6 +6,9 @@ from .layer import MoELayer
 from .losses import (DPSLoss, ERCLoss, GlobalBatchAuxLoss, Loss, LossInputs, LossOutput, ReLUL1Loss,
                      SequenceAuxLoss, SwitchAuxLoss, ZLoss)
 from .metrics import format_routing_report, routing_report
+# Hugging Face's pooled load-balancing loss
+from .control import record_router_logits
+from .losses import hf_load_balancing_loss
 from .routers import (ExpertChoiceRouter, GatedRouter, HashRouter, HyperRouter, RecurrentRouter, RecurrentRouterGroup,
                       ReLURouter, Router, SinkhornRouter, TopKRouter)
 
@@ -15,4 +18,5 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "ExpertChoiceRouter", "HashRouter", "HyperRouter", "ReLUL1Loss", "Router", "RoutingDecision", "RoutingContext", "routing_context",
            "GroupedExperts", "SharedExperts", "Loss", "SwitchAuxLoss", "SequenceAuxLoss", "GlobalBatchAuxLoss",
            "ZLoss", "ERCLoss", "DPSLoss", "step", "set_aux_loss_scale", "aux_losses", "total_aux_loss", "moe_layers",
-           "routing_report", "format_routing_report"]
+           "routing_report", "format_routing_report",
+           "record_router_logits", "hf_load_balancing_loss"]
