@@ -1,6 +1,8 @@
 """moe_routing/losses/balance.py: Switch, sequence (DeepSeek-V3) and global-batch aux losses and z-loss against
 independent per-token computations: alone and together, with padding, over two gloo ranks, as logged per layer,
-and the routers' default losses. Gradient injection and accumulation: test_losses_attach.py.
+and the routers' default losses; against megatron-core's own router for the Switch, sequence, global-batch
+(over gradient accumulation) aux losses and the z-loss (skipped without megatron-core). Gradient injection and
+accumulation: test_losses_attach.py.
 
 The expected values here are computed with explicit Python loops over tokens, sequences and experts in float64;
 they share no code with `moe_routing.losses`.
@@ -489,6 +491,67 @@ def test_global_aux_matches_megatron_over_gradient_accumulation(padded):
                 torch.testing.assert_close(grad, ref.weight.grad, rtol=2e-6, atol=1e-7)
             mr.step(ours)
             ref.reset_global_aux_loss_tracker()
+
+
+# Megatron-Core router settings (TransformerConfig fields) and the router_kwargs of ours that match them
+MEGATRON_ROUTERS = {
+    "softmax": ({}, {}),
+    "sigmoid_bias_groups": ({"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+                             "moe_router_num_groups": 3, "moe_router_group_topk": 2},
+                            {"score_func": "sigmoid", "bias_update_rate": 1e-3, "num_groups": 3, "topk_groups": 2,
+                             "group_score": "topk_sum"}),
+}
+# our loss, Megatron's config for it, the name Megatron logs it under
+MEGATRON_LOSSES = {
+    "aux_loss": (SwitchAuxLoss, {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 0.3},
+                 "load_balancing_loss"),
+    "seq_aux_loss": (SequenceAuxLoss, {"moe_router_load_balancing_type": "seq_aux_loss", "moe_aux_loss_coeff": 0.3},
+                     "seq_load_balancing_loss"),
+    "z_loss": (ZLoss, {"moe_router_load_balancing_type": "none", "moe_z_loss_coeff": 0.3}, "z_loss"),
+}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("router", sorted(MEGATRON_ROUTERS))
+@pytest.mark.parametrize("kind", sorted(MEGATRON_LOSSES))
+def test_losses_match_megatron(kind, router, padded):
+    """Megatron-Core 0.16's own ``TopKRouter`` (world size 1) with ``aux_loss`` / ``seq_aux_loss`` / z-loss:
+    the logged value and the router-weight gradient equal ours (SwitchAuxLoss / SequenceAuxLoss / ZLoss) in the
+    default softmax router and in a sigmoid router with an expert bias and group-limited routing, where both
+    count the top-k of the unbiased scores. Padding: the same positions in every sequence (Megatron's sequence
+    aux divides every sequence by the mean non-padding length, ours by each sequence's own). Tolerances:
+    Megatron's aux-loss softmax and logged values are float32."""
+    from helpers import megatron_aux_value, megatron_cpu, megatron_router
+
+    S, B = 7, 3
+    mc_config, router_kwargs = MEGATRON_ROUTERS[router]
+    loss_cls, loss_config, logged = MEGATRON_LOSSES[kind]
+    with megatron_cpu() as pg:
+        ours = make_layer([loss_cls(0.3)], return_aux_loss=True, router_kwargs=router_kwargs)
+        ref = megatron_router(pg, ours.router.weight, 2, **mc_config, **loss_config)
+        if ours.router.expert_bias is not None:
+            bias = torch.tensor([0.25, -0.5, 0.125, 0.375, -0.25, 0.0])  # exact in float32 and float64
+            ours.router.expert_bias.copy_(bias)
+            ref.expert_bias.copy_(bias)
+            # routing still adds the bias; this only skips the bias-update counting, which in megatron-core
+            # 0.16 fails with a padding mask (`_apply_expert_bias` ANDs the [T, E] map with the [T] mask)
+            ref.enable_expert_bias = False
+        torch.manual_seed(61)
+        x_SBD = torch.randn(S, B, D, dtype=torch.float64)
+        pad_SB = torch.zeros(S, B, dtype=torch.bool)
+        if padded:
+            pad_SB[5:] = True
+        probs, routing_map = ref(x_SBD, padding_mask=pad_SB if padded else None)
+        (probs * 0).sum().backward()  # the loss's gradient alone
+        ctx = RoutingContext(padding_mask=pad_SB.t()) if padded else None
+        _, aux = ours(x_SBD.transpose(0, 1), ctx)
+        grad = torch.autograd.grad(aux, ours.router.weight)[0]
+        experts = ours.router(x_SBD.transpose(0, 1).reshape(-1, D)).experts_TK
+        want_map = routing_map.view(S, B, E).transpose(0, 1).reshape(-1, E)
+        assert torch.equal(torch.zeros_like(want_map).scatter_(1, experts, True), want_map)  # same routing
+        close(aux, 0.3 * megatron_aux_value(logged), rtol=2e-6, atol=1e-7)
+        assert ref.weight.grad.abs().max() > 0
+        torch.testing.assert_close(grad, ref.weight.grad, rtol=2e-6, atol=1e-7)
 
 
 # ---- values logged per layer, defaults, coefficients ---------------------------------------------------------------
