@@ -321,6 +321,7 @@ def _global_aux_worker(rank: int, world: int, init_file: str) -> None:
         assert abs(expected - local) > 1e-3, (expected, local)  # differs from the local-only value
         aux.backward()  # gradients stay local (no collective in backward)
         assert layer.router.weight.grad.abs().sum() > 0
+        _check_accumulation_over_ranks(rank, world)  # in the same processes: one spawn for both checks
     finally:
         dist.destroy_process_group()
 
@@ -433,29 +434,20 @@ def test_global_aux_accumulate_needs_the_layer_state():
         GlobalBatchAuxLoss(1.0, accumulate=1)
 
 
-def _global_aux_accumulation_worker(rank: int, world: int, init_file: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        layer = make_layer([GlobalBatchAuxLoss(1.0)], return_aux_loss=True, seed=0)
-        # every rank rebuilds every rank's micro-batches (3 per rank, uneven sizes): mb m of rank r = xs[r][m]
-        xs = [micro_batches(layer, 3, sizes=(6 + 3 * r, 4, 7 + r), seed=50 + r) for r in range(world)]
-        for m in range(3):
-            if m == 2:
-                mr.step(layer)  # the optimizer step after 2 micro-batches: counts restart
-            _, aux = layer(xs[rank][m])
-            seen = [xs[r][j] for r in range(world) for j in range(2 if m < 2 else 3) if (m < 2 and j <= m)
-                    or (m == 2 and j == 2)]
-            torch.testing.assert_close(aux.detach(), scalar(ref_global_aux(layer, seen, xs[rank][m])),
-                                       rtol=1e-10, atol=1e-12)
-            aux.backward()
-    finally:
-        dist.destroy_process_group()
-
-
-def test_global_aux_accumulates_over_micro_batches_and_two_gloo_ranks():
-    run_on_gloo_ranks(_global_aux_accumulation_worker)
+def _check_accumulation_over_ranks(rank: int, world: int) -> None:
+    """Micro-batch m of rank r sees the counts of micro-batches 1..m of every rank; a step restarts them."""
+    layer = make_layer([GlobalBatchAuxLoss(1.0)], return_aux_loss=True, seed=0)
+    # every rank rebuilds every rank's micro-batches (3 per rank, uneven sizes): mb m of rank r = xs[r][m]
+    xs = [micro_batches(layer, 3, sizes=(6 + 3 * r, 4, 7 + r), seed=50 + r) for r in range(world)]
+    for m in range(3):
+        if m == 2:
+            mr.step(layer)  # the optimizer step after 2 micro-batches: counts restart
+        _, aux = layer(xs[rank][m])
+        first = 0 if m < 2 else 2
+        seen = [xs[r][j] for r in range(world) for j in range(first, m + 1)]
+        torch.testing.assert_close(aux.detach(), scalar(ref_global_aux(layer, seen, xs[rank][m])),
+                                   rtol=1e-10, atol=1e-12)
+        aux.backward()
 
 
 # ---- against megatron-core itself -----------------------------------------------------------------------------------
