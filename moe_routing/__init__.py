@@ -9,6 +9,9 @@ from .losses import (DPSLoss, ERCLoss, GlobalBatchAuxLoss, Loss, LossInputs, Los
 from .metrics import format_routing_report, routing_report
 from . import replay  # routing replay for RL: mr.replay.from_engine, pack_records, metrics, Megatron interop
 from .replay import RoutingRecord, record_routing, replay_routing
+# Hugging Face's pooled load-balancing loss
+from .control import record_router_logits
+from .losses import hf_load_balancing_loss
 from .routers import (ExpertChoiceRouter, GatedRouter, HashRouter, HyperRouter, RecurrentRouter, RecurrentRouterGroup,
                       ReLURouter, Router, SinkhornRouter, TopKRouter)
 from .multihash import MultiHashFFN
@@ -29,4 +32,5 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "MultiHashFFN", "count_tokens", "frequency_balanced_expert_map", "id_balanced_expert_map", "hyper_top_k",
            "set_hyper_top_k", "Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "reshard_expert_state_dicts",
            "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss",
-           "RoutingRecord", "record_routing", "replay_routing"]
+           "RoutingRecord", "record_routing", "replay_routing",
+           "record_router_logits", "hf_load_balancing_loss"]

@@ -55,6 +55,32 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, group=None) -> Re
     return optimizer.register_step_post_hook(run_controllers)
 
 
+@contextmanager
+def record_router_logits(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Collect the router logits [T, E] (in the graph) of every MoE layer call inside the block, in call order --
+    what Hugging Face's ``output_router_logits=True`` returns -- for `hf_load_balancing_loss`::
+
+        with mr.record_router_logits(model) as logits:
+            out = model(x)
+        loss = lm_loss + router_aux_loss_coef * mr.hf_load_balancing_loss(logits, top_k, attention_mask)
+
+    An activation checkpoint's recompute inside backward records nothing (its forward was recorded).
+    """
+    logits: list[Tensor] = []
+
+    def record(router, args, decision) -> None:
+        if torch._C._current_graph_task_id() == -1:
+            logits.append(decision.logits_TE)
+
+    routers = {id(layer.router): layer.router for _, layer in moe_layers(model)}  # a shared router hooks once
+    handles = [router.register_forward_hook(record) for router in routers.values()]
+    try:
+        yield logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
     """Scale the aux-loss gradient injected by every MoE layer (e.g. ``1 / grad_accum_steps``, or the AMP
     loss scale), as if ``scale * aux_loss`` were added to the training loss.

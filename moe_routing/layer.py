@@ -1,6 +1,7 @@
 """MoELayer: a drop-in ``nn.Module`` wiring router -> losses -> dispatch -> experts -> combine -> stats."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -92,6 +93,10 @@ class MoELayer(nn.Module):
             if not isinstance(loss, Loss):
                 raise TypeError(f"losses must be Loss instances (e.g. SwitchAuxLoss(1e-2)), got "
                                 f"{type(loss).__name__}")
+        # which loss each loss_state_{i} buffer was made for, so an edited ``losses`` list gets fresh state
+        self._loss_state_owners: dict[int, Loss] = {}
+        for i, loss in enumerate(self.losses):
+            self._loss_state(i, loss, device)
         self.last_stats: dict[str, Tensor] = {}
         self.last_aux_losses: dict[str, Tensor] = {}
         self._ctx: Optional[RoutingContext] = None
@@ -123,6 +128,26 @@ class MoELayer(nn.Module):
         if new.dtype != torch.float32:
             self._buffers["aux_loss_scale"] = scale.to(device=new.device, dtype=torch.float32)
         return out
+
+    def _loss_state(self, i: int, loss: Loss, device=None) -> Optional[Tensor]:
+        """The running state of the i-th loss in this layer (`Loss.init_state`), or None: a non-persistent buffer
+        made at construction (or on first use when ``losses`` was edited afterwards), zeroed by `moe_step`."""
+        name = f"loss_state_{i}"
+        if self._loss_state_owners.get(i) is not loss:
+            fresh = loss.init_state(self.num_experts, device if device is not None else self.experts.w_up.device)
+            self._buffers.pop(name, None)
+            if fresh is not None:
+                self.register_buffer(name, fresh, persistent=False)
+            self._loss_state_owners[i] = loss
+        return self._buffers.get(name)
+
+    @torch.no_grad()
+    def moe_step(self, group=None) -> None:
+        """Restart the losses' running state (`Loss.init_state`) for the next optimizer step; `moe_routing.step`
+        and `moe_routing.attach` call it. ``group`` is unused: the state already holds data-parallel sums."""
+        for name, buf in self._buffers.items():
+            if name.startswith("loss_state_") and buf is not None:
+                buf.zero_()
 
     @property
     def layer_key(self) -> object:
@@ -233,8 +258,9 @@ class MoELayer(nn.Module):
         inputs = LossInputs(decision=decision, top_k=self.top_k, valid_T=valid_T, seq_T=seq_T, num_seqs=num_seqs,
                             training=self.training, gate_weight_ED=self.router.gate_weight_ED(),
                             expert_gate_EDF=self.experts.w_gate, l1_coeff=self.router.sparsity_coeff())
-        for loss in self.losses:
-            out = loss(inputs)
+        for i, loss in enumerate(self.losses):
+            state = self._loss_state(i, loss)
+            out = loss(inputs if state is None else dataclasses.replace(inputs, state=state))
             self.last_aux_losses[loss.name] = out.value.detach()
             stats.update(out.stats)
             total = total + out.value

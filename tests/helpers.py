@@ -98,6 +98,66 @@ def run_on_gloo_ranks(worker, world=2):
         tmp.spawn(worker, args=(world, os.path.join(d, "init")), nprocs=world, join=True)
 
 
+@contextlib.contextmanager
+def megatron_cpu():
+    """megatron-core's MoE code on the CPU: a gloo process group of world size 1 (``file://`` rendezvous) with
+    Megatron's parallel state, ``torch.cuda.current_device`` pointed at the CPU (Megatron allocates its router
+    buffers there) and Transformer Engine's GEMM absent (its router GEMM then falls back to ``torch.mm``).
+    Yields the `ProcessGroupCollection`; tears everything down on exit. Skips when megatron-core is absent.
+    """
+    pytest.importorskip("megatron.core", reason="megatron-core not installed (extra 'megatron')")
+    import torch.distributed as dist
+    import megatron.core.transformer.moe.moe_utils as mc_utils
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as d:
+        mp.setattr(torch.cuda, "current_device", lambda: "cpu")
+        mp.setattr(mc_utils, "te_general_gemm", None, raising=False)
+        mc_utils.get_moe_layer_wise_logging_tracker().clear()
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'init')}", rank=0, world_size=1)
+        try:
+            parallel_state.initialize_model_parallel()
+            yield ProcessGroupCollection.use_mpu_process_groups()
+        finally:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+            mc_utils.get_moe_layer_wise_logging_tracker().clear()
+
+
+def megatron_router(pg, weight_ED: torch.Tensor, top_k: int, **config):
+    """megatron-core's ``TopKRouter`` (inside `megatron_cpu`) with gate weight ``weight_ED`` (routing in its
+    dtype: float64 gives ``moe_router_dtype='fp64'``); ``config``: further `TransformerConfig` fields."""
+    import warnings
+
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    E, D = weight_ED.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its config warns about unset fields these tests do not use
+        cfg = TransformerConfig(num_layers=1, hidden_size=D, num_attention_heads=1, num_moe_experts=E,
+                                moe_router_topk=top_k, use_cpu_initialization=True, add_bias_linear=False,
+                                moe_router_dtype="fp64" if weight_ED.dtype == torch.float64 else "fp32",
+                                **config)
+    router = TopKRouter(cfg, pg)
+    router.set_layer_number(1)
+    router.weight.data = weight_ED.detach().clone()
+    return router
+
+
+def megatron_aux_value(name: str) -> float:
+    """The loss (without coefficient) Megatron's tracker logged under ``name`` since the last read; clears it."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    value = float(tracker[name]["values"][0])
+    tracker[name]["values"].zero_()
+    return value
+
+
 def ablate_data():
     """Random byte tokens as moe-ablate data: 16k training tokens, 4k validation tokens in 2 batches of 4 x 32."""
     from moe_routing.ablate.data import val_batches

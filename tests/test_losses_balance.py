@@ -1,6 +1,8 @@
 """moe_routing/losses/balance.py: Switch, sequence (DeepSeek-V3) and global-batch aux losses and z-loss against
 independent per-token computations: alone and together, with padding, over two gloo ranks, as logged per layer,
-and the routers' default losses. Gradient injection and accumulation: test_losses_attach.py.
+and the routers' default losses; against megatron-core's own router for the Switch, sequence, global-batch
+(over gradient accumulation) aux losses and the z-loss (skipped without megatron-core). Gradient injection and
+accumulation: test_losses_attach.py.
 
 The expected values here are computed with explicit Python loops over tokens, sequences and experts in float64;
 they share no code with `moe_routing.losses`.
@@ -319,12 +321,229 @@ def _global_aux_worker(rank: int, world: int, init_file: str) -> None:
         assert abs(expected - local) > 1e-3, (expected, local)  # differs from the local-only value
         aux.backward()  # gradients stay local (no collective in backward)
         assert layer.router.weight.grad.abs().sum() > 0
+        _check_accumulation_over_ranks(rank, world)  # in the same processes: one spawn for both checks
     finally:
         dist.destroy_process_group()
 
 
 def test_global_batch_aux_sums_counts_over_two_gloo_ranks():
     run_on_gloo_ranks(_global_aux_worker)
+
+
+def ref_global_aux(layer, xs_seen, x_now, k=2) -> float:
+    """Global-batch aux for ``x_now``: f from the choices over every token of ``xs_seen`` (all micro-batches of all
+    ranks so far), P the mean over ``x_now``."""
+    counts, total_T = [0.0] * E, 0
+    for x in xs_seen:
+        for row in ref_choices(ref_logits(layer, x), k):
+            for e in row:
+                counts[e] += 1
+        total_T += x.shape[0]
+    probs = ref_probs(ref_logits(layer, x_now), "softmax")
+    P = [sum(p[i] for p in probs) / len(probs) for i in range(E)]
+    return E * sum(counts[i] / (total_T * k) * P[i] for i in range(E))
+
+
+def micro_batches(layer, n, sizes=(9, 5, 12), seed=40):
+    """``n`` float64 micro-batches of varied sizes, each preferring a different expert (the counts drift)."""
+    torch.manual_seed(seed)
+    xs = []
+    for m in range(n):
+        x = torch.randn(sizes[m % len(sizes)], D, dtype=torch.float64)
+        xs.append(x + layer.router.weight[m % E].detach())
+    return xs
+
+
+def test_global_aux_accumulates_micro_batches_until_the_step():
+    layer = make_layer([GlobalBatchAuxLoss(1.0)], return_aux_loss=True)
+    single = make_layer([GlobalBatchAuxLoss(1.0, accumulate=False)], return_aux_loss=True)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)  # lr 0: the step only runs the controllers
+    handle = mr.attach(layer, opt)
+    xs = micro_batches(layer, 5)
+    steps = [xs[:3], xs[3:]]  # 3 micro-batches, step, 2 micro-batches
+    for batch in steps:
+        for m, x in enumerate(batch):
+            _, aux = layer(x)
+            close(aux, ref_global_aux(layer, batch[:m + 1], x))
+            assert int(layer.last_stats["global_aux_micro_batches"]) == m + 1
+            _, aux_single = single(x)
+            close(aux_single, ref_global_aux(layer, [x], x))
+            if m:
+                assert abs(aux.item() - aux_single.item()) > 1e-3
+            aux.backward()
+        opt.step()  # the attached step restarts the counts
+        assert int(layer.loss_state_0.abs().sum()) == 0
+    handle.remove()
+
+
+def test_global_aux_eval_and_no_grad_forwards_add_nothing():
+    layer = make_layer([GlobalBatchAuxLoss(1.0)], return_aux_loss=True)
+    xs = micro_batches(layer, 3)
+    layer(xs[0])
+    before = layer.loss_state_0.clone()
+    with torch.no_grad():
+        _, aux = layer(xs[1])
+    close(aux, ref_global_aux(layer, [xs[1]], xs[1]))  # this micro-batch's own counts
+    layer.eval()
+    _, aux = layer(xs[2])
+    close(aux, ref_global_aux(layer, [xs[2]], xs[2]))
+    torch.testing.assert_close(layer.loss_state_0, before, rtol=0, atol=0)
+
+
+def test_global_aux_checkpoint_recompute_counts_once():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer([GlobalBatchAuxLoss(1.0)], return_aux_loss=True)
+    plain = make_layer([GlobalBatchAuxLoss(1.0)], return_aux_loss=True)
+    for x in micro_batches(layer, 2):
+        y, aux = checkpoint(layer, x, use_reentrant=False)
+        (y.sum() + aux).backward()
+        y, aux = plain(x)
+        (y.sum() + aux).backward()
+    torch.testing.assert_close(layer.loss_state_0, plain.loss_state_0, rtol=0, atol=0)
+    assert int(layer.loss_state_0[-1]) == 2
+    torch.testing.assert_close(layer.router.weight.grad, plain.router.weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_global_aux_state_is_per_layer_with_a_shared_loss():
+    loss = GlobalBatchAuxLoss(1.0)
+    model = nn.Sequential(make_layer([loss]), make_layer([loss], seed=1))
+    xs = micro_batches(model[0], 2)
+    for x in xs:
+        model(x)
+    assert int(model[0].loss_state_0[-1]) == int(model[1].loss_state_0[-1]) == 2
+    assert not torch.equal(model[0].loss_state_0, model[1].loss_state_0)  # each layer counts its own choices
+    assert not hasattr(loss, "state") and "loss_state_0" not in model.state_dict().__repr__()
+    mr.step(model)
+    assert int(model[0].loss_state_0.abs().sum()) == int(model[1].loss_state_0.abs().sum()) == 0
+    # a losses list edited after construction gets fresh state on the next forward
+    model[0].losses = [GlobalBatchAuxLoss(1.0), GlobalBatchAuxLoss(1.0, count="chosen")]
+    model(xs[0])
+    assert int(model[0].loss_state_1[-1]) == 1
+    model[0].losses = [SwitchAuxLoss(1.0)]
+    model(xs[0])
+    assert not hasattr(model[0], "loss_state_0") or model[0].loss_state_0 is None
+
+
+def test_global_aux_accumulate_needs_the_layer_state():
+    layer = make_layer([SwitchAuxLoss(1.0)])
+    d = layer.router(torch.randn(4, D, dtype=torch.float64))
+    with pytest.raises(ValueError, match="LossInputs.state"):
+        GlobalBatchAuxLoss(1.0)(mr.LossInputs(decision=d, top_k=2))
+    with pytest.raises(TypeError, match="accumulate"):
+        GlobalBatchAuxLoss(1.0, accumulate=1)
+
+
+def _check_accumulation_over_ranks(rank: int, world: int) -> None:
+    """Micro-batch m of rank r sees the counts of micro-batches 1..m of every rank; a step restarts them."""
+    layer = make_layer([GlobalBatchAuxLoss(1.0)], return_aux_loss=True, seed=0)
+    # every rank rebuilds every rank's micro-batches (3 per rank, uneven sizes): mb m of rank r = xs[r][m]
+    xs = [micro_batches(layer, 3, sizes=(6 + 3 * r, 4, 7 + r), seed=50 + r) for r in range(world)]
+    for m in range(3):
+        if m == 2:
+            mr.step(layer)  # the optimizer step after 2 micro-batches: counts restart
+        _, aux = layer(xs[rank][m])
+        first = 0 if m < 2 else 2
+        seen = [xs[r][j] for r in range(world) for j in range(first, m + 1)]
+        torch.testing.assert_close(aux.detach(), scalar(ref_global_aux(layer, seen, xs[rank][m])),
+                                   rtol=1e-10, atol=1e-12)
+        aux.backward()
+
+
+# ---- against megatron-core itself -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("padded", [False, True])
+def test_global_aux_matches_megatron_over_gradient_accumulation(padded):
+    """Megatron-Core 0.16's own ``TopKRouter`` with ``moe_router_load_balancing_type='global_aux_loss'`` (world
+    size 1): three micro-batches, the reset Megatron's ``finalize_model_grads`` runs before the optimizer step, two
+    more; the logged loss and the router-weight gradient of every micro-batch agree. Micro-batches hold equal
+    numbers of non-padding tokens (where Megatron's mean-count-over-current-tokens f is a fraction). Tolerances:
+    Megatron's aux-loss softmax and its logged value are float32."""
+    from helpers import megatron_aux_value, megatron_cpu, megatron_router
+
+    S, B = 5, 2
+    with megatron_cpu() as pg:
+        ours = make_layer([GlobalBatchAuxLoss(0.3)], return_aux_loss=True)
+        ref = megatron_router(pg, ours.router.weight, 2, moe_router_load_balancing_type="global_aux_loss",
+                              moe_aux_loss_coeff=0.3)
+        torch.manual_seed(60)
+        pad_SB = torch.zeros(S, B, dtype=torch.bool)
+        if padded:
+            pad_SB[3:, 0] = True  # 3 padding tokens in every micro-batch
+        for step, n in enumerate((3, 2)):
+            for m in range(n):
+                x_SBD = torch.randn(S, B, D, dtype=torch.float64) + ours.router.weight[(m + step) % E].detach()
+                probs, _ = ref(x_SBD, padding_mask=pad_SB if padded else None)
+                ref.weight.grad = None
+                (probs * 0).sum().backward()  # the aux loss's gradient alone
+                ctx = RoutingContext(padding_mask=pad_SB.t()) if padded else None
+                _, aux = ours(x_SBD.transpose(0, 1), ctx)
+                grad = torch.autograd.grad(aux, ours.router.weight)[0]
+                # Megatron takes the aux-loss softmax and logs in float32
+                close(aux, 0.3 * megatron_aux_value("global_load_balancing_loss"), rtol=2e-6, atol=1e-7)
+                torch.testing.assert_close(grad, ref.weight.grad, rtol=2e-6, atol=1e-7)
+            mr.step(ours)
+            ref.reset_global_aux_loss_tracker()
+
+
+# Megatron-Core router settings (TransformerConfig fields) and the router_kwargs of ours that match them
+MEGATRON_ROUTERS = {
+    "softmax": ({}, {}),
+    "sigmoid_bias_groups": ({"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+                             "moe_router_num_groups": 3, "moe_router_group_topk": 2},
+                            {"score_func": "sigmoid", "bias_update_rate": 1e-3, "num_groups": 3, "topk_groups": 2,
+                             "group_score": "topk_sum"}),
+}
+# our loss, Megatron's config for it, the name Megatron logs it under
+MEGATRON_LOSSES = {
+    "aux_loss": (SwitchAuxLoss, {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 0.3},
+                 "load_balancing_loss"),
+    "seq_aux_loss": (SequenceAuxLoss, {"moe_router_load_balancing_type": "seq_aux_loss", "moe_aux_loss_coeff": 0.3},
+                     "seq_load_balancing_loss"),
+    "z_loss": (ZLoss, {"moe_router_load_balancing_type": "none", "moe_z_loss_coeff": 0.3}, "z_loss"),
+}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("router", sorted(MEGATRON_ROUTERS))
+@pytest.mark.parametrize("kind", sorted(MEGATRON_LOSSES))
+def test_losses_match_megatron(kind, router, padded):
+    """Megatron-Core 0.16's own ``TopKRouter`` (world size 1) with ``aux_loss`` / ``seq_aux_loss`` / z-loss:
+    the logged value and the router-weight gradient equal ours (SwitchAuxLoss / SequenceAuxLoss / ZLoss) in the
+    default softmax router and in a sigmoid router with an expert bias and group-limited routing, where both
+    count the top-k of the unbiased scores. Padding: the same positions in every sequence (Megatron's sequence
+    aux divides every sequence by the mean non-padding length, ours by each sequence's own). Tolerances:
+    Megatron's aux-loss softmax and logged values are float32."""
+    from helpers import megatron_aux_value, megatron_cpu, megatron_router
+
+    S, B = 7, 3
+    mc_config, router_kwargs = MEGATRON_ROUTERS[router]
+    loss_cls, loss_config, logged = MEGATRON_LOSSES[kind]
+    with megatron_cpu() as pg:
+        ours = make_layer([loss_cls(0.3)], return_aux_loss=True, router_kwargs=router_kwargs)
+        ref = megatron_router(pg, ours.router.weight, 2, **mc_config, **loss_config)
+        if ours.router.expert_bias is not None:
+            bias = torch.tensor([0.25, -0.5, 0.125, 0.375, -0.25, 0.0])  # exact in float32 and float64
+            ours.router.expert_bias.copy_(bias)
+            ref.expert_bias.copy_(bias)
+            # routing still adds the bias; this only skips the bias-update counting, which in megatron-core
+            # 0.16 fails with a padding mask (`_apply_expert_bias` ANDs the [T, E] map with the [T] mask)
+            ref.enable_expert_bias = False
+        torch.manual_seed(61)
+        x_SBD = torch.randn(S, B, D, dtype=torch.float64)
+        pad_SB = torch.zeros(S, B, dtype=torch.bool)
+        if padded:
+            pad_SB[5:] = True
+        probs, routing_map = ref(x_SBD, padding_mask=pad_SB if padded else None)
+        (probs * 0).sum().backward()  # the loss's gradient alone
+        ctx = RoutingContext(padding_mask=pad_SB.t()) if padded else None
+        _, aux = ours(x_SBD.transpose(0, 1), ctx)
+        grad = torch.autograd.grad(aux, ours.router.weight)[0]
+        experts = ours.router(x_SBD.transpose(0, 1).reshape(-1, D)).experts_TK
+        want_map = routing_map.view(S, B, E).transpose(0, 1).reshape(-1, E)
+        assert torch.equal(torch.zeros_like(want_map).scatter_(1, experts, True), want_map)  # same routing
+        close(aux, 0.3 * megatron_aux_value(logged), rtol=2e-6, atol=1e-7)
+        assert ref.weight.grad.abs().max() > 0
+        torch.testing.assert_close(grad, ref.weight.grad, rtol=2e-6, atol=1e-7)
 
 
 # ---- values logged per layer, defaults, coefficients ---------------------------------------------------------------

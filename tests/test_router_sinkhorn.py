@@ -92,7 +92,8 @@ def test_sinkhorn_tolerance_below_the_dtype_floor_warns_and_stops():
 
 def megatron_sinkhorn(cost, tol=1e-4):
     """Transcribed from megatron-core 0.16 `transformer/moe/moe_utils.py::sinkhorn` (returns the iteration count
-    too): d0/d1 scalings of exp(cost), stop when mean |d1 - d1_old| <= tol."""
+    too): d0/d1 scalings of exp(cost), stop when mean |d1 - d1_old| <= tol. Kept for the iteration count, which
+    Megatron's function does not return; its plan is checked against the function itself below."""
     cost = torch.exp(cost)
     d0 = torch.ones(cost.size(0), dtype=cost.dtype)
     d1 = torch.ones(cost.size(1), dtype=cost.dtype)
@@ -117,6 +118,20 @@ def test_sinkhorn_megatron_stop_rule_matches_megatron():
     torch.testing.assert_close(log_plan.exp(), want, rtol=1e-6, atol=1e-12)
     with pytest.raises(ValueError, match="stop_rule must be one of"):
         SinkhornRouter(D, E, 1, stop_rule="cols")
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_sinkhorn_megatron_stop_rule_matches_megatron_itself(scale):
+    """megatron-core's own ``sinkhorn`` (imported) gives the same plan as ours with stop_rule='megatron'."""
+    mc_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils",
+                                   reason="megatron-core not installed (extra 'megatron')")
+    from moe_routing.routers.sinkhorn import sinkhorn
+
+    L = scale * torch.randn(48, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    want = mc_utils.sinkhorn(L.clone(), tol=1e-6)
+    log_plan, _, _ = sinkhorn(L, None, tol=1e-6, max_iters=10_000, stop_rule="megatron")
+    torch.testing.assert_close(log_plan.exp(), want, rtol=1e-5, atol=1e-12)  # Megatron's eps=1e-8 aside
+    assert torch.equal(log_plan.topk(1, -1).indices, want.topk(1, -1).indices)
 
 
 BAD = [

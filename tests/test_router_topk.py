@@ -1,7 +1,9 @@
 """moe_routing/routers/topk.py: TopKRouter's selection and gate weights against a naive per-token computation
 (softmax / sigmoid, scaling, group-limited routing and the group score rules of DeepSeek-V3, Megatron-Core and
 DeepSeek-V2), the aux-loss-free bias used for selection only, forced experts, jitter, what balance losses count,
-and the fused top-k op the layer's backend picks. Bias balancing and dtype rules: test_router_topk_bias.py."""
+and the fused top-k op the layer's backend picks; against megatron-core's own ``group_limited_topk`` and
+``topk_routing_with_score_function`` in Megatron's settings (skipped without megatron-core). Bias balancing and
+dtype rules: test_router_topk_bias.py."""
 from __future__ import annotations
 
 import math
@@ -245,18 +247,6 @@ def naive_group_experts(row, k, num_groups, topk_groups, best):
     return sorted(sorted(allowed, key=lambda e: -row[e])[:k])
 
 
-def megatron_group_limited_topk(scores, topk, num_groups, group_topk):
-    """Transcribed from megatron-core 0.16 `transformer/moe/moe_utils.py::group_limited_topk`: groups by the sum of
-    their top-(topk // group_topk) scores, then top-k of the masked scores."""
-    T, E = scores.shape
-    group_scores = scores.view(T, num_groups, -1).topk(topk // group_topk, dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-    score_mask = group_mask.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, -1)
-    masked = scores.masked_fill(~score_mask.bool(), float("-inf"))
-    return torch.topk(masked, k=topk, dim=-1)[1]
-
-
 @pytest.mark.parametrize("rule,best", [("top2_sum", 2), ("topk_sum", 3), ("max", 1)])
 @pytest.mark.parametrize("on_logits", [False, True])
 def test_group_score_rules_match_a_naive_loop(rule, best, on_logits):
@@ -273,15 +263,68 @@ def test_group_score_rules_match_a_naive_loop(rule, best, on_logits):
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_megatron_group_limited_routing_settings_match_megatron(score_func):
     """Megatron ranks groups on what it selects on: logits for the softmax router without pre-softmax, sigmoid
-    scores for the sigmoid router; with group_score='topk_sum' (and groups_on_logits for softmax) ours agrees."""
+    scores for the sigmoid router; with group_score='topk_sum' (and groups_on_logits for softmax) ours agrees
+    with megatron-core's own ``group_limited_topk``."""
+    mc_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils",
+                                   reason="megatron-core not installed (extra 'megatron')")
     r = make_router(top_k=4, num_groups=4, topk_groups=2, score_func=score_func, group_score="topk_sum",
                     groups_on_logits=score_func == "softmax")
     x = randx(T=50)
     d = r(x)
     logits = x @ r.weight.detach().t()
     ranked = logits if score_func == "softmax" else logits.sigmoid()
-    want = megatron_group_limited_topk(ranked, 4, 4, 2)
+    _, want = mc_utils.group_limited_topk(ranked, topk=4, num_tokens=50, num_experts=E, num_groups=4, group_topk=2)
     assert torch.equal(d.experts_TK.sort(-1).values, want.sort(-1).values)
+
+
+# Megatron-Core settings (topk_routing_with_score_function arguments) and the TopKRouter arguments that match them
+MEGATRON_SETTINGS = [
+    ({"score_function": "softmax"}, {}),
+    ({"score_function": "softmax", "use_pre_softmax": True}, {"softmax_before_topk": True}),
+    ({"topk": 1, "score_function": "softmax", "use_pre_softmax": True}, {"top_k": 1}),
+    ({"score_function": "sigmoid"}, {"score_func": "sigmoid"}),
+    ({"topk": 1, "score_function": "sigmoid"}, {"top_k": 1, "score_func": "sigmoid"}),
+    ({"score_function": "sigmoid", "expert_bias": True}, {"score_func": "sigmoid", "bias_update_rate": 1e-3}),
+    ({"score_function": "softmax", "num_groups": 4, "group_topk": 2},
+     {"num_groups": 4, "topk_groups": 2, "group_score": "topk_sum", "groups_on_logits": True}),
+    ({"score_function": "softmax", "use_pre_softmax": True, "num_groups": 4, "group_topk": 2},
+     {"softmax_before_topk": True, "num_groups": 4, "topk_groups": 2, "group_score": "topk_sum"}),
+    ({"topk": 4, "score_function": "sigmoid", "expert_bias": True, "num_groups": 4, "group_topk": 2,
+      "scaling_factor": 2.5},
+     {"top_k": 4, "score_func": "sigmoid", "bias_update_rate": 1e-3, "num_groups": 4, "topk_groups": 2,
+      "group_score": "topk_sum", "scaling_factor": 2.5}),
+    ({"score_function": "softmax", "scaling_factor": 0.5}, {"scaling_factor": 0.5}),
+]
+
+
+@pytest.mark.parametrize("theirs,ours", MEGATRON_SETTINGS)
+def test_topk_router_matches_megatron_topk_routing_with_score_function(theirs, ours):
+    """megatron-core's own ``topk_routing_with_score_function`` on the same logits: the same experts, gate weights
+    and router-weight gradients (Megatron's softmax runs in float32, hence the tolerances)."""
+    mc_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils",
+                                   reason="megatron-core not installed (extra 'megatron')")
+    T = 300  # enough tokens that ranking groups on logits or on probabilities routes some differently
+    theirs, ours = dict(theirs), dict(ours)
+    k = theirs.pop("topk", 2)
+    r = make_router(top_k=ours.pop("top_k", k), **ours)
+    bias = None
+    if theirs.pop("expert_bias", False):
+        bias = torch.linspace(-0.3, 0.3, E, dtype=torch.float64)[torch.randperm(E, generator=torch.Generator()
+                                                                                 .manual_seed(4))]
+        with torch.no_grad():
+            r.expert_bias.copy_(bias)
+    x = randx(T=T)
+    d = r(x)
+    logits = x @ r.weight.t()
+    probs_TE, map_TE = mc_utils.topk_routing_with_score_function(logits, k, expert_bias=bias, **theirs)
+    ours_map = torch.zeros(T, E, dtype=torch.bool).scatter_(1, d.experts_TK, True)
+    assert torch.equal(ours_map, map_TE)
+    ours_TE = torch.zeros(T, E, dtype=torch.float64).scatter(1, d.experts_TK, d.weights_TK)
+    torch.testing.assert_close(ours_TE, probs_TE, rtol=1e-6, atol=1e-7)
+    cot_TE = torch.randn(T, E, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    g_ours = torch.autograd.grad((ours_TE * cot_TE).sum(), r.weight)[0]
+    g_theirs = torch.autograd.grad((probs_TE * cot_TE).sum(), r.weight)[0]
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-5, atol=1e-5)  # a sum over T float32 softmaxes
 
 
 def test_group_score_validation():

@@ -9,9 +9,10 @@ from .blockffn import (ActivationLocalityLoss, ChunkSparsificationLoss, activati
 from .dpsl import DPSLoss, dpsl_loss
 from .erc import ERCLoss, erc_loss
 from .l1 import ReLUL1Loss, relu_l1_loss
+from .pooled import hf_load_balancing_loss
 
 __all__ = ["Loss", "LossInputs", "LossOutput", "SwitchAuxLoss", "SequenceAuxLoss", "GlobalBatchAuxLoss", "ZLoss",
            "switch_aux_loss", "sequence_aux_loss", "z_loss", "inject_aux_loss", "ReLUL1Loss",
            "relu_l1_loss", "ERCLoss", "erc_loss", "DPSLoss", "dpsl_loss", "betainc",
            "ActivationLocalityLoss", "ChunkSparsificationLoss", "activation_locality_loss",
-           "chunk_sparsification_loss"]
+           "chunk_sparsification_loss", "hf_load_balancing_loss"]

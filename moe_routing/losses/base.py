@@ -2,7 +2,10 @@
 
 A loss sees explicit, typed inputs -- never the layer itself -- and returns its value together with its
 detached statistics; it writes nothing into the router's decision and keeps no per-forward state, so one loss
-object can serve several layers and a compiled graph has no hidden side effects.
+object can serve several layers and a compiled graph has no hidden side effects. A loss that accumulates across
+forwards (`GlobalBatchAuxLoss` over the micro-batches of one optimizer step) declares its state with
+`Loss.init_state`: each layer holds its own copy as a buffer, hands it in as ``LossInputs.state`` and zeroes
+it at every optimizer step (`moe_routing.step` / `moe_routing.attach`).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
+import torch
 from torch import Tensor
 
 from ..decision import RoutingDecision
@@ -31,6 +35,8 @@ class LossInputs:
         expert_gate_EDF: the experts' SwiGLU gate projection ``w_gate`` [E, D, F], or None (GELU/ReLU experts).
         l1_coeff: the adaptive coefficient a router's controller sets (`Router.sparsity_coeff`: ReMoE's L1
             lambda, BlockFFN's chunk-sparsification lambda), or None.
+        state: this loss's running state in this layer (the tensor `Loss.init_state` made), which the loss
+            updates in place; None for a stateless loss.
     """
 
     decision: RoutingDecision
@@ -42,6 +48,7 @@ class LossInputs:
     gate_weight_ED: Optional[Tensor] = None
     expert_gate_EDF: Optional[Tensor] = None
     l1_coeff: Optional[Tensor] = None
+    state: Optional[Tensor] = None
 
 
 class LossOutput(NamedTuple):
@@ -66,6 +73,14 @@ class Loss(ABC):
     @abstractmethod
     def compute(self, inputs: LossInputs) -> Union[Tensor, tuple[Tensor, dict[str, Tensor]]]:
         """The loss without its coefficient (and optionally its statistics)."""
+
+    def init_state(self, num_experts: int, device: Optional[torch.device] = None) -> Optional[Tensor]:
+        """A fresh (zero) running state for one layer, or None (the default: the loss is stateless).
+
+        The layer keeps the tensor as a non-persistent buffer, passes it as ``LossInputs.state`` and zeroes it in
+        `moe_routing.step`. Use an integer dtype for counts: a model cast to bf16 leaves integer buffers alone.
+        """
+        return None
 
     def __call__(self, inputs: LossInputs) -> LossOutput:
         out = self.compute(inputs)
