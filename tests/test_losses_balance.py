@@ -582,3 +582,12 @@ def test_loss_coeff_must_be_non_negative():
     for cls in (SwitchAuxLoss, SequenceAuxLoss, ZLoss, GlobalBatchAuxLoss):
         with pytest.raises(ValueError, match="coeff"):
             cls(-1.0)
+
+
+def test_switch_aux_of_an_empty_batch_is_zero_not_nan():
+    """An expert-parallel rank with no tokens still runs its layers: its switch aux is 0 (not 0/0 = NaN)."""
+    from moe_routing.losses.balance import switch_aux_loss
+
+    layer = mr.MoELayer(8, 4, 4, 2)
+    decision = layer.router(torch.zeros(0, 8), None, 0, "torch")
+    assert switch_aux_loss(decision, 2).item() == 0.0

@@ -41,8 +41,9 @@ def _mean_probs(p_TE: Tensor, valid_T: Optional[Tensor]) -> tuple[Tensor, Tensor
     if valid_T is None:
         # sum / T rather than mean: the same values, but the backward hands softmax a broadcast view of the [E]
         # gradient instead of materialising a [T, E] one
+        # max(T, 1): an expert-parallel rank with no tokens still runs its layers (0, not 0/0)
         num_tokens = torch.tensor(float(p_TE.shape[0]), dtype=p_TE.dtype, device=p_TE.device)
-        return p_TE.sum(0) / p_TE.shape[0], num_tokens
+        return p_TE.sum(0) / max(p_TE.shape[0], 1), num_tokens
     w_T = valid_T.to(p_TE.dtype)
     num_tokens = w_T.sum()
     return (p_TE * w_T[:, None]).sum(0) / num_tokens.clamp_min(1), num_tokens
