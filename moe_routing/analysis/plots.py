@@ -3,12 +3,15 @@ extra)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .collect import RoutingCollection, routing_divergence
+
+
+KINDS = ("load", "coactivation", "positions", "divergence")
 
 
 def _heatmap(ax, data: Tensor, title: str, xlabel: str, ylabel: str, vmin=None, vmax=None) -> None:
@@ -21,13 +24,17 @@ def _heatmap(ax, data: Tensor, title: str, xlabel: str, ylabel: str, vmin=None, 
 
 
 def plot_routing(collection: RoutingCollection, folder: Union[str, Path],
-                 other: Optional[RoutingCollection] = None, dpi: int = 90) -> list[Path]:
-    """Write heatmaps of ``collection`` into ``folder`` and return their paths:
+                 other: Optional[RoutingCollection] = None, dpi: int = 90,
+                 kinds: Sequence[str] = KINDS) -> list[Path]:
+    """Write the plots named in ``kinds`` (default all) of ``collection`` into ``folder``; return their paths:
 
     ``load.png`` (expert load [L, E]), ``coactivation.png`` (P(j | i) per layer), ``positions.png`` (per layer,
     the share of the tokens at each position routed to each expert [E, S]) and, with ``other`` (inputs to
     compare, same model), ``divergence.png`` (the per-layer routing divergence of `routing_divergence`; paired
     when both hold as many sequences)."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or isinstance(kinds, str):
+        raise ValueError(f"kinds must be a sequence of {KINDS}, got {kinds!r}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,23 +42,36 @@ def plot_routing(collection: RoutingCollection, folder: Union[str, Path],
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    L = collection.num_layers
     paths = []
 
-    fig, ax = plt.subplots(figsize=(6, 1 + 0.4 * L))
-    _heatmap(ax, collection.expert_load(), "expert load (share of assignments)", "expert", "MoE layer")
-    paths.append(folder / "load.png")
-    fig.savefig(paths[-1], dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    if "load" in kinds:
+        paths.append(_save_load(collection, folder / "load.png", dpi, plt))
+    if "coactivation" in kinds:
+        paths.append(_save_coactivation(collection, folder / "coactivation.png", dpi, plt))
+    if "positions" in kinds:
+        paths.append(_save_positions(collection, folder / "positions.png", dpi, plt))
+    if other is not None and "divergence" in kinds:
+        paths.append(_save_divergence(collection, other, folder / "divergence.png", dpi, plt))
+    return paths
 
+
+def _save_load(collection, path, dpi, plt) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 1 + 0.4 * collection.num_layers))
+    _heatmap(ax, collection.expert_load(), "expert load (share of assignments)", "expert", "MoE layer")
+    return _save(fig, path, dpi, plt)
+
+
+def _save_coactivation(collection, path, dpi, plt) -> Path:
+    L = collection.num_layers
     co = collection.coactivation(normalize=True)
     fig, axes = plt.subplots(1, L, figsize=(3.4 * L, 3), squeeze=False)
     for l in range(L):
         _heatmap(axes[0, l], co[l], f"layer {l}: P(expert j | expert i)", "j", "i", 0, 1)
-    paths.append(folder / "coactivation.png")
-    fig.savefig(paths[-1], dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    return _save(fig, path, dpi, plt)
 
+
+def _save_positions(collection, path, dpi, plt) -> Path:
+    L = collection.num_layers
     spec = collection.specialization("position")
     counts_LES = spec.joint_LEV
     share_LES = counts_LES / counts_LES.sum(1, keepdim=True).clamp_min(1)  # per position, over experts
@@ -59,21 +79,23 @@ def plot_routing(collection: RoutingCollection, folder: Union[str, Path],
     for l in range(L):
         _heatmap(axes[l, 0], share_LES[l], f"layer {l}: experts by position (U = {float(spec.score_L[l]):.3f})",
                  "position", "expert")
-    paths.append(folder / "positions.png")
-    fig.savefig(paths[-1], dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    return _save(fig, path, dpi, plt)
 
-    if other is not None:
-        paired = len(collection.seq_lens) == len(other.seq_lens)
-        div = routing_divergence(collection, other, paired=paired)
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.plot(range(L), div.numpy(), marker="o")
-        ax.set_xlabel("MoE layer")
-        ax.set_ylabel("normalised JS divergence")
-        ax.set_title(f"routing divergence ({'paired' if paired else 'unpaired'})", fontsize=9)
-        ax.set_ylim(0, max(0.05, float(div.max()) * 1.2))
-        ax.grid(alpha=0.3)
-        paths.append(folder / "divergence.png")
-        fig.savefig(paths[-1], dpi=dpi, bbox_inches="tight")
-        plt.close(fig)
-    return paths
+
+def _save_divergence(collection, other, path, dpi, plt) -> Path:
+    paired = len(collection.seq_lens) == len(other.seq_lens)
+    div = routing_divergence(collection, other, paired=paired)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(collection.num_layers), div.numpy(), marker="o")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("normalised JS divergence")
+    ax.set_title(f"routing divergence ({'paired' if paired else 'unpaired'})", fontsize=9)
+    ax.set_ylim(0, max(0.05, float(div.max()) * 1.2))
+    ax.grid(alpha=0.3)
+    return _save(fig, path, dpi, plt)
+
+
+def _save(fig, path: Path, dpi: int, plt) -> Path:
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
