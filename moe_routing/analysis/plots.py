@@ -87,6 +87,7 @@ def _save_divergence(collection, other, path, dpi, plt) -> Path:
     div = routing_divergence(collection, other, paired=paired)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(range(collection.num_layers), div.numpy(), marker="o")
+    ax.set_xticks(range(collection.num_layers))
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("normalised JS divergence")
     ax.set_title(f"routing divergence ({'paired' if paired else 'unpaired'})", fontsize=9)
