@@ -22,6 +22,10 @@ from .routers.hyper import hyper_top_k, set_hyper_top_k
 from .losses import ActivationLocalityLoss, ChunkSparsificationLoss
 from .routers import BlockFFNRouter, MixtureOfRoutersRouter
 
+# routing analysis and interventions (issue 18)
+from . import analysis  # mr.analysis.collect_routing, srp, sch, simulate_cache, ...
+from .interventions import intervene, promote_experts
+
 __version__ = "0.1.0"
 
 __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
@@ -33,4 +37,4 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "set_hyper_top_k", "Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "reshard_expert_state_dicts",
            "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss",
            "RoutingRecord", "record_routing", "replay_routing",
-           "record_router_logits", "hf_load_balancing_loss"]
+           "record_router_logits", "hf_load_balancing_loss", "analysis", "intervene", "promote_experts"]

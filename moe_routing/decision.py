@@ -109,13 +109,16 @@ class RoutingContext:
         padding_mask: bool [T] or [B, S], True marks padding: excluded from losses, metrics and capacity.
         seq_lens: int [S] lengths of the sequences packed in a [T, D] input (sequence aux loss); must sum to T.
         forced_experts: {layer_key: int [T, K]} experts to use instead of the router's choice (routing replay).
+        logit_offsets: {layer_key: float [E]} added to a gated router's logits before scores and selection
+            (routing interventions, `moe_routing.intervene`).
 
     ``layer_state`` holds per-layer state keyed by layer (the recurrent router stores each layer's hidden state
     there), so a checkpointed layer recomputed after later layers ran still reads its predecessor's state.
     """
 
     def __init__(self, token_ids: Optional[Tensor] = None, padding_mask: Optional[Tensor] = None,
-                 seq_lens: Optional[Tensor] = None, forced_experts: Optional[dict] = None) -> None:
+                 seq_lens: Optional[Tensor] = None, forced_experts: Optional[dict] = None,
+                 logit_offsets: Optional[dict] = None) -> None:
         if padding_mask is not None and padding_mask.dtype != torch.bool:
             raise TypeError(f"padding_mask must be a bool tensor (True = padding), got dtype {padding_mask.dtype}")
         if token_ids is not None and token_ids.is_floating_point():
@@ -124,6 +127,7 @@ class RoutingContext:
         self.padding_mask = padding_mask
         self.seq_lens = None if seq_lens is None else torch.as_tensor(seq_lens, dtype=torch.long)
         self.forced_experts: dict = dict(forced_experts or {})
+        self.logit_offsets: dict = dict(logit_offsets or {})
         self.layer_state: dict = {}
 
     def to(self, device: Union[torch.device, str]) -> "RoutingContext":

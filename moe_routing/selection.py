@@ -91,17 +91,29 @@ def with_forced(ctx: Optional[RoutingContext], layer_key: object, forced: Tensor
     return out
 
 
+def with_logit_offset(ctx: Optional[RoutingContext], layer_key: object, offset_E: Tensor) -> RoutingContext:
+    """``ctx`` (not modified) with ``logit_offsets[layer_key] = offset_E``; per-layer state stays shared."""
+    if ctx is None:
+        return RoutingContext(logit_offsets={layer_key: offset_E})
+    out = copy.copy(ctx)
+    out.logit_offsets = {**ctx.logit_offsets, layer_key: offset_E}
+    return out
+
+
 class LayerRouting:
     """Routing state of one `MoELayer` that is not part of its state dict (a copy or unpickle starts empty).
 
     Attributes:
         replay: ``(num_tokens, device) -> forced selection`` installed by `replay_routing`, or None.
         recorders: callables receiving each original forward's `RoutingDecision` (`record_routing`).
+        logit_offsets: float [E] offsets the active `moe_routing.intervene` blocks add to the router logits
+            (nested blocks add up), applied to every forward while installed, recomputations included.
     """
 
     def __init__(self) -> None:
         self.replay: Optional[Callable[[int, torch.device], Tensor]] = None
         self.recorders: list[Callable[[RoutingDecision], None]] = []
+        self.logit_offsets: list[Tensor] = []
         self._with_graph: list[weakref.ref] = []
         self._no_grad: list[KeptSelection] = []
 
@@ -127,6 +139,8 @@ class LayerRouting:
             forced = self.replay(x_TD.shape[0], x_TD.device)
         if forced is not None:
             ctx = with_forced(ctx, layer.layer_key, forced)
+        if self.logit_offsets:
+            ctx = with_logit_offset(ctx, layer.layer_key, torch.stack(self.logit_offsets).sum(0))
         decision = layer.router(x_TD, ctx, layer.layer_key, backend)
         if recompute:
             return decision, None

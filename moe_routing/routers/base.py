@@ -2,7 +2,7 @@
 
 The split follows the usual gating / selection separation: `GatedRouter.route` owns everything routers share
 (input checks, float32 parameters, the logits, the non-finite-logit policy and its statistic, routing replay
-through ``forced_experts``) and asks the subclass only how experts and gate weights are chosen from the
+through ``forced_experts``, intervention offsets through ``logit_offsets``) and asks the subclass only how experts and gate weights are chosen from the
 logits and scores (`select` + `gates` for fixed-k routers, `choose_pairs` for variable-k ones).
 """
 from __future__ import annotations
@@ -277,7 +277,10 @@ class GatedRouter(Router):
             forced, native_T = self.forced_map(ctx, layer_key, T, x_TD.device)
         else:
             forced, native_T = forced_selection(ctx, layer_key, T, self.top_k, self.num_experts, x_TD.device)
-        logits_TE, nonfinite = check_finite_logits(self.gating(x_TD, ctx), self.strict)
+        logits_TE = self.gating(x_TD, ctx)
+        if ctx is not None and layer_key in ctx.logit_offsets:  # a routing intervention (moe_routing.intervene)
+            logits_TE = logits_TE + ctx.logit_offsets[layer_key].to(logits_TE.device, logits_TE.dtype)
+        logits_TE, nonfinite = check_finite_logits(logits_TE, self.strict)
         scores_TE = self.scores(logits_TE)
         if self.variable_k:
             decision = (self.choose_pairs(logits_TE, scores_TE, ctx) if forced is None
