@@ -474,3 +474,24 @@ def test_reference_balance_loss_relation_to_the_pooled_reference_float64(k):
     P = [p.mean(0) for p in probs]
     cross = sum((c[l] * (P[m] - P[l])).sum() for l in range(L) for m in range(L) if l != m) * E / L ** 2
     torch.testing.assert_close(1e-3 * _reference_aux(logits, E, k) - sum(ours), 1e-3 * cross, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_pooled_reference_loss_is_the_hf_pooled_loss_float64(k):
+    """The reference's exact pooled aux (all layers' rows pooled, counts not divided by k) is HF's pooled loss:
+    build the layers with ``losses=[]`` and add ``1e-3 * mr.hf_load_balancing_loss(logits, k)``."""
+    torch.manual_seed(11 + k)
+    D, F_, E, L, T = 9, 4, 5, 3, 11
+    group = RecurrentRouterGroup(D, E, k, L, 6, init_std=0.6, dtype=torch.float64)
+    layers = torch.nn.ModuleList(mr.MoELayer(D, F_, E, k, router=group.routers[i], losses=[], dtype=torch.float64)
+                                 for i in range(L))
+    model = torch.nn.Module()
+    model.layers, model.group = layers, group
+    x = torch.randn(T, D, dtype=torch.float64)
+    with mr.routing_context(model), mr.record_router_logits(model) as logits:
+        h = x
+        for layer in layers:
+            h = h + layer(h)
+    assert len(logits) == L
+    torch.testing.assert_close(mr.hf_load_balancing_loss(logits, k),
+                               _reference_aux([lg.detach() for lg in logits], E, k), rtol=1e-12, atol=0)
