@@ -1,7 +1,11 @@
 """The examples run as documented (the README points users at them)."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,3 +15,15 @@ def test_quickstart_runs_and_prints_a_routing_report():
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "MaxVio" in proc.stdout or "max_vio" in proc.stdout.lower(), proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_online_rerouting_example_runs(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "online_rerouting.py"), "--train-steps", "20",
+                           "--windows", "1", "--test", "2", "--reference", "64", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert set(results["perplexity"]) >= {"base", "prefill", "online"} and "accuracy_ngd" in results["r2t2"]

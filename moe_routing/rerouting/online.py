@@ -51,6 +51,7 @@ class OnlineRerouter:
                  max_context: Optional[int] = None) -> None:
         self.model = model
         moe = layers_of(model)
+        self._by_confidence = isinstance(layers, str)
         if isinstance(layers, str):
             if layers != "confidence":
                 raise ValueError(f"layers must be 'confidence' or a sequence of MoE-layer indices, got {layers!r}")
@@ -77,7 +78,9 @@ class OnlineRerouter:
 
     def reset(self) -> None:
         """Back to zero vectors (and a fresh optimiser); "confidence" layers are chosen again at the next adapt."""
-        if self.layers is not None:
+        if self._by_confidence:
+            self.layers, self.deltas, self._opt = None, {}, None
+        elif self.layers is not None:
             self._init_deltas()
         self.history = []
 
@@ -149,7 +152,8 @@ def generate(model: nn.Module, prompt_BS: Tensor, max_new_tokens: int, *, rerout
     window = getattr(model, "max_seq_len", None)
     ids = prompt_BS
     for t in range(max_new_tokens):
-        if rerouter is not None and ids.shape[1] >= 2 and (t == 0 or (rerouter.interval and t % rerouter.interval == 0)):
+        due = t == 0 or (rerouter is not None and rerouter.interval and t % rerouter.interval == 0)
+        if rerouter is not None and ids.shape[1] >= 2 and due:
             with torch.enable_grad():
                 rerouter.adapt(ids)
         ctx = ids if window is None else ids[:, -window:]

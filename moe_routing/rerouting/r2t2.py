@@ -172,7 +172,8 @@ def build_reference(model: nn.Module, inputs_NS: Tensor, targets_N: Tensor, laye
 
 def _check_common(model, inputs, targets, layers, positions):
     if not isinstance(inputs, Tensor) or inputs.dim() < 2:
-        raise ValueError(f"inputs must be a tensor [N, S, ...] (a batch of sequences), got {getattr(inputs, 'shape', type(inputs).__name__)}")
+        raise ValueError(f"inputs must be a tensor [N, S, ...] (a batch of sequences), got "
+                         f"{getattr(inputs, 'shape', type(inputs).__name__)}")
     if targets is not None and (not isinstance(targets, Tensor) or targets.shape[:1] != inputs.shape[:1]):
         raise ValueError(f"targets must be a tensor with {inputs.shape[0]} rows (one per input), got "
                          f"{getattr(targets, 'shape', type(targets).__name__)}")
