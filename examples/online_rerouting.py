@@ -65,7 +65,7 @@ def continuation_nll(model, window_S, context, rerouter=None, interval=0):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-steps", type=int, default=150)
-    parser.add_argument("--windows", type=int, default=12, help="held-out windows for the perplexity")
+    parser.add_argument("--windows", type=int, default=24, help="held-out windows for the perplexity")
     parser.add_argument("--interval", type=int, default=8)
     parser.add_argument("--test", type=int, default=24, help="held-out windows for R2-T2")
     parser.add_argument("--lr", type=float, default=0.02, help="learning rate of the rerouting vectors")

@@ -197,7 +197,9 @@ def kernel_weights(dist_K: Tensor, kernel: str = "gaussian", bandwidth: Optional
 
 def neighborhood_loss(model: nn.Module, reference: R2T2Reference, neighbors_K: Tensor, weights_K: Tensor,
                       routing_1LPE: Tensor, sample_loss: SampleLoss = last_token_loss) -> Tensor:
-    """``sum_i K_i l(f(x_i; r), y_i) / sum_i K_i``: the neighbours' loss when they route with ``routing_1LPE``."""
+    """``sum_i K_i l(f(x_i; r), y_i) / sum_i K_i``: the neighbours' loss when they route with ``routing_1LPE``.
+    For its gradient in r, run forward and backward under `without_aux_gradient` (as `r2t2` does): the layers'
+    balance losses would otherwise add their own gradient."""
     x = reference.inputs[neighbors_K]
     with _imposed(model, reference.layers, reference.positions, routing_1LPE, x.shape[0]):
         losses_K = sample_loss(model(x), reference.targets[neighbors_K])
@@ -219,6 +221,8 @@ def r2t2(model: nn.Module, inputs_BS: Tensor, reference: R2T2Reference, *, strat
             optimiser ("adam" as the reference code, or plain "sgd": ``z <- z - lr * grad``).
         alpha: kernel regression's coefficient (None: searched with ``search_steps`` ternary steps).
         mode_step: mean shift's interpolation step.  sample_loss: per-sample loss ``(output, targets) -> [B]``.
+        embed: the embedding ``inputs -> [B, F]`` the reference was built with (None: the default of both).
+    Run the model in eval mode; its parameters and their ``.grad`` are never changed.
     """
     if not isinstance(reference, R2T2Reference):
         raise TypeError(f"reference must be an R2T2Reference (build_reference), got {type(reference).__name__}")
