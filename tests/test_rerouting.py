@@ -299,3 +299,22 @@ def test_generate_greedy_matches_a_naive_loop_and_sampling_is_seeded():
         generate(model, prompt, 1, greedy=False, temperature=0.0)
     with pytest.raises(ValueError, match="layers"):
         OnlineRerouter(model, layers="all")
+
+
+def test_online_vectors_leave_the_other_layers_routing_on_their_own_logits():
+    model = tiny_lm()
+    x = ids(1, 37)
+    rr = OnlineRerouter(model, layers=[1], steps=2, lr=0.5)
+    rr.adapt(x)
+    inputs = {}
+    moe = [layer for _, layer in mr.moe_layers(model)]
+    hooks = [m.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
+             for i, m in enumerate(moe)]
+    with rr.applied():
+        seen = layer_logits(model, x)  # nested inside: sees layer 1's vector added
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        own = [moe[i].router.gating(inputs[i].reshape(-1, 16).double(), None).reshape(1, S, 4) for i in range(3)]
+    assert torch.allclose(seen[0], own[0]) and torch.allclose(seen[2], own[2])
+    assert torch.allclose(seen[1], own[1] + rr.deltas[1].detach())
