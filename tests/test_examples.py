@@ -29,3 +29,14 @@ def test_routing_analysis_example_writes_its_summary(tmp_path):
     assert names == ["divergence.png", "hit_rates.png", "load.png", "summary.json", "summary.txt"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["srp_seg8"]) == 4 and len(summary["divergence_text_vs_upper_paired"]) == 4
+
+
+def test_online_rerouting_example_runs(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "online_rerouting.py"), "--train-steps", "20",
+                           "--windows", "1", "--test", "2", "--reference", "64", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert set(results["perplexity"]) >= {"base", "prefill", "online"} and "accuracy_ngd" in results["r2t2"]
