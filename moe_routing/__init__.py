@@ -19,6 +19,10 @@ from .routers.hyper import hyper_top_k, set_hyper_top_k
 from .losses import ActivationLocalityLoss, ChunkSparsificationLoss
 from .routers import BlockFFNRouter, MixtureOfRoutersRouter
 
+# CompeteSMoE and bi-level routing (issue 17)
+from .losses import CompeteDistillLoss
+from .routers import CompeteRouter
+
 __version__ = "0.1.0"
 
 __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
@@ -29,4 +33,5 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "MultiHashFFN", "count_tokens", "frequency_balanced_expert_map", "id_balanced_expert_map", "hyper_top_k",
            "set_hyper_top_k", "Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "reshard_expert_state_dicts",
            "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss",
-           "RoutingRecord", "record_routing", "replay_routing"]
+           "RoutingRecord", "record_routing", "replay_routing",
+           "CompeteRouter", "CompeteDistillLoss"]

@@ -1,6 +1,7 @@
 """Routers decide which experts each token uses; they never dispatch."""
 from .base import GatedRouter, Router
 from .blockffn import BlockFFNRouter
+from .compete import CompeteRouter
 from .expert_choice import ExpertChoiceRouter
 from .hash import HashRouter
 from .hyper import HyperRouter
@@ -12,8 +13,9 @@ from .topk import TopKRouter
 
 # Routers a layer can build by name (the recurrent router needs its model-level group, so it is not here).
 ROUTERS = {"topk": TopKRouter, "relu": ReLURouter, "sinkhorn": SinkhornRouter, "expert_choice": ExpertChoiceRouter,
-           "hash": HashRouter, "hyper": HyperRouter, "blockffn": BlockFFNRouter, "mor": MixtureOfRoutersRouter}
+           "hash": HashRouter, "hyper": HyperRouter, "blockffn": BlockFFNRouter, "mor": MixtureOfRoutersRouter,
+           "compete": CompeteRouter}
 
 __all__ = ["Router", "GatedRouter", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
            "ExpertChoiceRouter", "HashRouter", "HyperRouter", "BlockFFNRouter",
-           "MixtureOfRoutersRouter", "ROUTERS"]
+           "MixtureOfRoutersRouter", "CompeteRouter", "ROUTERS"]
