@@ -20,8 +20,9 @@ from .losses import ActivationLocalityLoss, ChunkSparsificationLoss
 from .routers import BlockFFNRouter, MixtureOfRoutersRouter
 
 # CompeteSMoE and bi-level routing (issue 17)
-from .losses import CompeteDistillLoss
-from .routers import CompeteRouter
+from .dispatch import expert_groups
+from .losses import CompeteDistillLoss, GroupBalanceLoss
+from .routers import BilevelRouter, CompeteRouter
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,4 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "set_hyper_top_k", "Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "reshard_expert_state_dicts",
            "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss",
            "RoutingRecord", "record_routing", "replay_routing",
-           "CompeteRouter", "CompeteDistillLoss"]
+           "CompeteRouter", "CompeteDistillLoss", "BilevelRouter", "GroupBalanceLoss", "expert_groups"]
