@@ -82,12 +82,13 @@ def test_router_step_matches_naive_topk():
     assert layer.last_aux_losses["compete_distill"] == 0
 
 
-def test_no_competition_in_eval_or_without_grad():
+def test_no_competition_in_eval_and_the_same_branch_without_grad():
     layer = _layer(4, 3, 2, compete_prob=1.0)
     x = torch.randn(5, 4, dtype=torch.float64)
-    with torch.no_grad():
-        layer(x)
-    assert layer.last_stats["compete_step"] == 0
+    with torch.no_grad():  # a reentrant checkpoint's forward: it must compete as its recomputation will
+        y_nograd, _ = layer(x)
+    assert layer.last_stats["compete_step"] == 1
+    torch.testing.assert_close(layer(x)[0], y_nograd)
     layer.eval()
     layer(x)
     assert layer.last_stats["compete_step"] == 0
@@ -149,3 +150,36 @@ def test_argument_checks():
     ctx.expert_responses[0] = torch.ones(2, 3)
     with pytest.raises(ValueError, match=r"expert_responses\[0\] must have shape \[5, 3\]"):
         r(torch.randn(5, 4), ctx, 0)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_competition_step_has_the_plain_gradients(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(4)
+    layer = _layer(5, 4, 2, compete_prob=1.0)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.experts.w_up, layer.router.weight]
+    def grads(run):
+        for p in params:
+            p.grad = None
+        y, aux = run(x)
+        (y.sum() + aux.sum()).backward()  # .backward: a reentrant checkpoint does not support autograd.grad
+        return [p.grad.clone() for p in params]
+
+    plain = grads(layer)
+    ckpt = grads(lambda v: checkpoint(layer, v, use_reentrant=reentrant))
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_layer_whose_experts_are_not_all_local_refuses_the_router():
+    class Remote(mr.Dispatcher):  # stands in for an expert-parallel dispatcher
+        def dispatch(self, *a, **k):
+            raise AssertionError
+
+        def combine(self, *a, **k):
+            raise AssertionError
+
+    with pytest.raises(ValueError, match="needs all experts on this device"):
+        mr.MoELayer(4, 3, 4, 2, router="compete", dispatcher=Remote())

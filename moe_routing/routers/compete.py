@@ -33,8 +33,8 @@ class CompeteRouter(GatedRouter):
     ``router_loss``: the MSE between the router's softmax and that target. ``scores_TE`` are then that softmax, so
     the balance loss reads the competition's distribution as the authors' ``balanceloss`` call does.
 
-    On the other steps (and always in eval / without grad, like the authors' ``x.requires_grad`` test) it routes
-    alone: top-k of ``softmax(x W^T)``, the k scores renormalised (k > 1; Switch gates at k = 1).
+    On the other steps (and always in eval; the authors test ``x.requires_grad``, we test training mode so a
+    reentrant checkpoint's no-grad forward and its recomputation agree) it routes alone: top-k of ``softmax(x W^T)``, the k scores renormalised (k > 1; Switch gates at k = 1).
 
     Schedule: step ``s`` (optimizer steps, advanced by `moe_routing.step` / `Router.moe_step`, or set
     ``steps``) competes when ``s >= warmup_steps`` and a uniform draw seeded by ``(seed, s, layer index)`` is below
@@ -113,7 +113,9 @@ class CompeteRouter(GatedRouter):
         return random.Random(f"{self.seed}:{self.steps}:{layer}").random() < self.compete_prob
 
     def wants_expert_responses(self, layer_key: object) -> bool:
-        return self.training and torch.is_grad_enabled() and self.is_competition_step(layer_key)
+        # training mode alone, not grad mode: a reentrant checkpoint runs the forward without grad and recomputes
+        # it with grad, and both must take the same branch
+        return self.training and self.is_competition_step(layer_key)
 
     def expert_response(self, h_TED: Tensor) -> Tensor:
         """[T, E] neural response of each expert's output ``h_TED`` [T, E, D]."""
