@@ -1,6 +1,9 @@
 """Tools that study the routing of trained models without training them: local routing consistency (SRP, SCH)
-and an expert-cache simulator over recorded routing (``experts_TLK``, the replay record's layout)."""
+and an expert-cache simulator over recorded routing (``experts_TLK``, the replay record's layout);
+LocMoE's expert-capacity lower bound (`capacity_bound`)."""
+from .capacity_bound import locmoe_assignment_probability, locmoe_min_capacity, min_assignment_cosine
 from .cache import POLICIES, hit_rate_curve, plot_hit_rates, simulate_cache
 from .lrc import sch, split_sequences, srp
 
-__all__ = ["POLICIES", "hit_rate_curve", "plot_hit_rates", "sch", "simulate_cache", "split_sequences", "srp"]
+__all__ = ["POLICIES", "hit_rate_curve", "plot_hit_rates", "sch", "simulate_cache", "split_sequences", "srp",
+           "locmoe_assignment_probability", "locmoe_min_capacity", "min_assignment_cosine"]
