@@ -14,6 +14,7 @@ from ..layer import MoELayer
 from ..losses.balance import SwitchAuxLoss
 from ..losses.dpsl import DPSLoss
 from ..losses.erc import ERCLoss
+from ..routers.bilevel import BilevelRouter
 from ..routers.blockffn import BlockFFNRouter
 from ..routers.compete import CompeteRouter
 from ..routers.mor import MixtureOfRoutersRouter
@@ -100,6 +101,15 @@ def build_compete(p: Preset) -> Built:
                      layer_idx=i) for i in range(p.n_layers)], None
 
 
+def build_bilevel(p: Preset) -> Built:
+    """Bi-level routing (SMILE): two groups of E/2 experts when they hold k (else one), one group per token,
+    switch aux 1e-2 + group balance 1e-2 (the router's defaults). On one device the groups are logical: no home
+    group, so no locality stats."""
+    return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
+                     router=BilevelRouter(p.d_model, p.num_experts, p.top_k, init_std=p.init_std), layer_idx=i)
+            for i in range(p.n_layers)], None
+
+
 ROUTER_BUILDERS: dict[str, Callable[[Preset], Built]] = {
     "dense": build_dense,
     "topk": build_topk,
@@ -110,6 +120,7 @@ ROUTER_BUILDERS: dict[str, Callable[[Preset], Built]] = {
     "blockffn": build_blockffn,
     "mor": build_mor,
     "compete": build_compete,
+    "bilevel": build_bilevel,
 }
 
 
