@@ -132,8 +132,9 @@ class CompeteRouter(GatedRouter):
 
     def choose(self, logits_TE, scores_TE, forced_TK, ctx, backend):
         experts_TK, gates_TK, extra = super().choose(logits_TE, scores_TE, forced_TK, ctx, backend)
-        return experts_TK, gates_TK, {**extra, "compete_step": torch.zeros(()),
-                                      "expert_flops_ratio": torch.ones((), dtype=torch.float64)}
+        dev = logits_TE.device
+        return experts_TK, gates_TK, {**extra, "compete_step": torch.zeros((), device=dev),
+                                      "expert_flops_ratio": torch.ones((), dtype=torch.float64, device=dev)}
 
     def route(self, x_TD: Tensor, ctx: Optional[RoutingContext], layer_key: object,
               backend: str = "torch") -> RoutingDecision:
@@ -153,8 +154,8 @@ class CompeteRouter(GatedRouter):
         # responses are positive for softplus / norms; the floor keeps an all-zero row finite
         gates_TK = renormalized(resp_TE.gather(1, experts_TK))
         target_TE = resp_TE.softmax(-1)
-        extra = {"compete_step": torch.ones(()),
-                 "expert_flops_ratio": torch.tensor((E + K) / K, dtype=torch.float64)}
+        extra = {"compete_step": torch.ones((), device=x_TD.device),
+                 "expert_flops_ratio": torch.full((), (E + K) / K, dtype=torch.float64, device=x_TD.device)}
         decision = RoutingDecision.from_topk(experts_TK, gates_TK, logits_TE, target_TE, extra=extra)
         decision.target_TE = target_TE.detach()
         if nonfinite is not None:
