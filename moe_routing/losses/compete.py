@@ -1,4 +1,4 @@
-"""CompeteSMoE's router distillation loss: the router's softmax imitates the competition's (arXiv 2402.02526)."""
+"""CompeteSMoE's router distillation loss: the router's softmax imitates the competition's (arXiv 2505.13380)."""
 from __future__ import annotations
 
 from typing import Optional
