@@ -28,6 +28,10 @@ from .interventions import intervene, promote_experts
 # test-time rerouting (issue 18): R2-T2 and online additive-vector rerouting
 from . import rerouting
 from .rerouting import OnlineRerouter, r2t2
+# CompeteSMoE and bi-level routing (issue 17)
+from .dispatch import expert_groups
+from .losses import CompeteDistillLoss, GroupBalanceLoss
+from .routers import BilevelRouter, CompeteRouter
 
 __version__ = "0.1.0"
 
@@ -40,4 +44,5 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "set_hyper_top_k", "Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "reshard_expert_state_dicts",
            "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss",
            "RoutingRecord", "record_routing", "replay_routing",
-           "record_router_logits", "hf_load_balancing_loss", "analysis", "intervene", "promote_experts", "rerouting", "r2t2", "OnlineRerouter"]
+           "record_router_logits", "hf_load_balancing_loss", "analysis", "intervene", "promote_experts", "rerouting", "r2t2", "OnlineRerouter",
+           "CompeteRouter", "CompeteDistillLoss", "BilevelRouter", "GroupBalanceLoss", "expert_groups"]

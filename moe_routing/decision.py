@@ -38,6 +38,8 @@ class RoutingDecision:
         balance_experts_TK: int64 [T, K], the top-k of the scores without selection bias or group limit, when
             that differs from the choice (aux-free bias, group-limited routing); balance losses count these by
             default (DeepSeek-V3 eq. 18, Megatron-Core). None: count the chosen experts.
+        target_TE: [T, E] detached distribution the router is trained to imitate (CompeteSMoE's competition
+            outcome, read by `CompeteDistillLoss`), or None.
     """
 
     token_N: Tensor
@@ -50,6 +52,7 @@ class RoutingDecision:
     scores_normalized: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     balance_experts_TK: Optional[Tensor] = None
+    target_TE: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +114,8 @@ class RoutingContext:
         forced_experts: {layer_key: int [T, K]} experts to use instead of the router's choice (routing replay).
         logit_offsets: {layer_key: float [E]} added to a gated router's logits before scores and selection
             (routing interventions, `moe_routing.intervene`).
+        expert_responses: {layer_key: [T, E]} every expert's response to every token, filled by `MoELayer` for a
+            router whose `Router.wants_expert_responses` says so (CompeteSMoE's competition steps).
 
     ``layer_state`` holds per-layer state keyed by layer (the recurrent router stores each layer's hidden state
     there), so a checkpointed layer recomputed after later layers ran still reads its predecessor's state.
@@ -128,6 +133,7 @@ class RoutingContext:
         self.seq_lens = None if seq_lens is None else torch.as_tensor(seq_lens, dtype=torch.long)
         self.forced_experts: dict = dict(forced_experts or {})
         self.logit_offsets: dict = dict(logit_offsets or {})
+        self.expert_responses: dict = {}
         self.layer_state: dict = {}
 
     def to(self, device: Union[torch.device, str]) -> "RoutingContext":

@@ -1,6 +1,7 @@
 """MoELayer: a drop-in ``nn.Module`` wiring router -> losses -> dispatch -> experts -> combine -> stats."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable, Optional, Sequence, Union
 
@@ -30,7 +31,7 @@ class MoELayer(nn.Module):
         hidden_size: D.  ffn_hidden_size: F, each expert's hidden size.  num_experts: E.
         top_k: experts per token (nominal k for variable-k routers, used by losses and capacity).
         router: a name from `moe_routing.routers.ROUTERS` ("topk", "relu", "sinkhorn", "expert_choice", "hash",
-            "hyper", "blockffn", "mor") or a `Router` instance (its E, D and top_k must match).
+            "hyper", "blockffn", "mor", "compete", "bilevel") or a `Router` instance (its E, D and top_k must match).
         router_kwargs: extra arguments when ``router`` is a name (e.g. ``{"score_func": "sigmoid"}``).
         activation: "swiglu" | "gelu" | "relu".
         capacity_factor: None = dropless; else capacity ``ceil(cf * T * k / E)`` per expert.
@@ -82,6 +83,10 @@ class MoELayer(nn.Module):
         self.register_buffer("aux_loss_scale", torch.ones((), dtype=torch.float32, device=device),
                              persistent=False)
         self.router = self._build_router(router, router_kwargs or {}, device, dtype)
+        if self.router.uses_expert_responses and not isinstance(self.dispatcher, LocalDispatcher):
+            raise ValueError(f"router {type(self.router).__name__} reads every expert's response to every token, "
+                             f"which needs all experts on this device; dispatcher must be a LocalDispatcher, got "
+                             f"{self.dispatcher!r}")
         config = {"top_k": top_k, "router": type(self.router).__name__, "capacity_factor": capacity_factor,
                   "drop_policy": drop_policy, "num_shared_experts": num_shared_experts}
         self.experts = self.dispatcher.build_experts(num_experts, hidden_size, ffn_hidden_size, activation,
@@ -209,6 +214,8 @@ class MoELayer(nn.Module):
         pad_T = ctx.padding_T(T) if ctx is not None else None
         valid_T = None if pad_T is None else ~pad_T
 
+        if self.router.uses_expert_responses and self.router.wants_expert_responses(self.layer_key):
+            ctx = self._with_expert_responses(x_TD, ctx)
         decision, kept = self._routing.route(self, x_TD, ctx, backend)
         aux, loss_stats = self._losses(decision, x, ctx, valid_T, seqs)
         if loss_stats:
@@ -229,6 +236,18 @@ class MoELayer(nn.Module):
         if aux.requires_grad and torch.is_grad_enabled():
             y = inject_aux_loss(y, aux, self.aux_loss_scale)
         return y
+
+    def _with_expert_responses(self, x_TD: Tensor, ctx: Optional[RoutingContext]) -> RoutingContext:
+        """``ctx`` (copied, not modified) with ``expert_responses[layer_key]``: every expert on every token
+        (E * T rows through the grouped GEMM, expert-major), reduced by the router's `expert_response`."""
+        T, E = x_TD.shape[0], self.num_experts
+        counts_E = torch.full((E,), T, dtype=torch.long, device=x_TD.device)
+        offsets_E1 = torch.arange(E + 1, device=x_TD.device) * T
+        h_ETD = self._run(self.experts, x_TD.repeat(E, 1), counts_E, offsets_E1).reshape(E, T, -1)
+        responses_TE = self.router.expert_response(h_ETD.transpose(0, 1))
+        out = copy.copy(ctx) if ctx is not None else RoutingContext()
+        out.expert_responses = {**out.expert_responses, self.layer_key: responses_TE}
+        return out
 
     @staticmethod
     def _run(module: nn.Module, x: Tensor, *args) -> Tensor:

@@ -165,7 +165,7 @@ def test_same_seed_pairs_shared_init_across_routers():
     assert torch.equal(a.blocks[0].ffn.experts.w_up, b.blocks[0].ffn.experts.w_up)  # same FFN stream too
 
 
-@pytest.mark.parametrize("router", ["blockffn", "mor"])
+@pytest.mark.parametrize("router", ["blockffn", "mor", "compete", "bilevel"])
 def test_blockffn_and_mor_builders_train_a_step(router):
     p = get_preset("smoke")
     model = build_model(p, router, 0, 256)
@@ -180,5 +180,9 @@ def test_blockffn_and_mor_builders_train_a_step(router):
     if router == "blockffn":
         assert {"tls", "cls", "csl", "activation_locality"} <= set(layer.last_stats)
         assert layer.router.csl_steps.item() == 1  # the attached controller ran
-    else:
+    elif router == "mor":
         assert type(layer.router).__name__ == "MixtureOfRoutersRouter" and layer.router.num_routers == 4
+    elif router == "compete":
+        assert layer.router.steps == 1 and {"compete_step", "expert_flops_ratio"} <= set(layer.last_stats)
+    else:
+        assert "group_balance" in layer.last_stats and layer.router.group_weight.grad is not None

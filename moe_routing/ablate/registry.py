@@ -14,7 +14,9 @@ from ..layer import MoELayer
 from ..losses.balance import SwitchAuxLoss
 from ..losses.dpsl import DPSLoss
 from ..losses.erc import ERCLoss
+from ..routers.bilevel import BilevelRouter
 from ..routers.blockffn import BlockFFNRouter
+from ..routers.compete import CompeteRouter
 from ..routers.mor import MixtureOfRoutersRouter
 from ..routers.recurrent import RecurrentRouterGroup
 from ..routers.relu import ReLURouter
@@ -90,6 +92,24 @@ def build_mor(p: Preset) -> Built:
                      losses=[SwitchAuxLoss(1e-2)], layer_idx=i) for i in range(p.n_layers)], None
 
 
+def build_compete(p: Preset) -> Built:
+    """CompeteSMoE: competition on 5% of the optimizer steps (the authors' ``rate_flip``; each layer draws its own
+    steps, seeded by its index), switch aux 1e-2 + distillation 1e-2 (the router's defaults). k = 1: Switch
+    gates on router steps, as topk."""
+    return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
+                     router=CompeteRouter(p.d_model, p.num_experts, p.top_k, compete_prob=0.05, init_std=p.init_std),
+                     layer_idx=i) for i in range(p.n_layers)], None
+
+
+def build_bilevel(p: Preset) -> Built:
+    """Bi-level routing (SMILE): two groups of E/2 experts when they hold k (else one), one group per token,
+    switch aux 1e-2 + group balance 1e-2 (the router's defaults). On one device the groups are logical: no home
+    group, so no locality stats."""
+    return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
+                     router=BilevelRouter(p.d_model, p.num_experts, p.top_k, init_std=p.init_std), layer_idx=i)
+            for i in range(p.n_layers)], None
+
+
 ROUTER_BUILDERS: dict[str, Callable[[Preset], Built]] = {
     "dense": build_dense,
     "topk": build_topk,
@@ -99,6 +119,8 @@ ROUTER_BUILDERS: dict[str, Callable[[Preset], Built]] = {
     "topk+dpsl": build_topk_dpsl,
     "blockffn": build_blockffn,
     "mor": build_mor,
+    "compete": build_compete,
+    "bilevel": build_bilevel,
 }
 
 

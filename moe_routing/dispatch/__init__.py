@@ -5,9 +5,9 @@ expert-parallel process group and exchanges tokens with all-to-all. `reshard_exp
 checkpoint to another expert-parallel size.
 """
 from .all_to_all import AllToAllDispatcher
-from .base import DispatchMeta, Dispatcher
+from .base import DispatchMeta, Dispatcher, expert_groups
 from .local import LocalDispatcher
 from .sharding import ShardedExperts, reshard_expert_state_dicts
 
 __all__ = ["Dispatcher", "DispatchMeta", "LocalDispatcher", "AllToAllDispatcher", "ShardedExperts",
-           "reshard_expert_state_dicts"]
+           "reshard_expert_state_dicts", "expert_groups"]

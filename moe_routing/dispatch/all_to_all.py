@@ -85,6 +85,7 @@ class AllToAllDispatcher(Dispatcher):
         self.group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
+        self.rank, self.size = self.ep_rank, self.ep_size  # the layout `expert_ranks` / `expert_groups` report
 
     def __deepcopy__(self, memo) -> "AllToAllDispatcher":
         return self  # stateless but for the process group, which cannot be copied

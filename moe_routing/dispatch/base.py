@@ -100,6 +100,18 @@ def select_pairs(decision: RoutingDecision, valid_T: Optional[Tensor], num_token
     return RoutedPairs(token_N, expert_N, weight_N, k, max_pairs, valid_N, routed, dropped, keep_N)
 
 
+def expert_groups(dispatcher: "Dispatcher", num_experts: int, ranks_per_group: int) -> tuple[Tensor, int]:
+    """The node (group) layout of ``dispatcher``'s experts: ``(group_E, home)`` with ``group_E`` int64 [E] the group
+    of each expert and ``home`` this rank's group, when each group is ``ranks_per_group`` consecutive ranks of the
+    expert-parallel group (the usual node-major rank layout: ranks 0..g-1 on node 0, ...). Bi-level routing
+    (`BilevelRouter.from_dispatcher`) routes to these groups."""
+    if isinstance(ranks_per_group, bool) or not isinstance(ranks_per_group, int) or ranks_per_group < 1 \
+            or dispatcher.size % ranks_per_group:
+        raise ValueError(f"ranks_per_group must be a positive int dividing the expert-parallel size "
+                         f"{dispatcher.size}, got {ranks_per_group!r}")
+    return dispatcher.expert_ranks(num_experts) // ranks_per_group, dispatcher.rank // ranks_per_group
+
+
 class Dispatcher(ABC):
     """Moves routed tokens to the experts that compute them and their outputs back.
 
@@ -108,6 +120,15 @@ class Dispatcher(ABC):
     """
 
     collective: bool = False
+    #: this rank's index in the group the experts are sharded over, and that group's size (one device: 0, 1)
+    rank: int = 0
+    size: int = 1
+
+    def expert_ranks(self, num_experts: int) -> Tensor:
+        """int64 [E]: the rank (in this dispatcher's group) holding each expert; contiguous blocks of E / size."""
+        if num_experts % self.size:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the expert-parallel size {self.size}")
+        return torch.arange(num_experts) // (num_experts // self.size)
 
     def build_experts(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str = "swiglu",
                       expert_impl: str = "auto", *, config: Optional[Mapping[str, Any]] = None, device=None,

@@ -6,6 +6,8 @@ from .base import Loss, LossInputs, LossOutput
 from .betainc import betainc
 from .blockffn import (ActivationLocalityLoss, ChunkSparsificationLoss, activation_locality_loss,
                        chunk_sparsification_loss)
+from .bilevel import GroupBalanceLoss, group_balance_loss
+from .compete import CompeteDistillLoss, compete_distill_loss
 from .dpsl import DPSLoss, dpsl_loss
 from .erc import ERCLoss, erc_loss
 from .l1 import ReLUL1Loss, relu_l1_loss
@@ -15,4 +17,5 @@ __all__ = ["Loss", "LossInputs", "LossOutput", "SwitchAuxLoss", "SequenceAuxLoss
            "switch_aux_loss", "sequence_aux_loss", "z_loss", "inject_aux_loss", "ReLUL1Loss",
            "relu_l1_loss", "ERCLoss", "erc_loss", "DPSLoss", "dpsl_loss", "betainc",
            "ActivationLocalityLoss", "ChunkSparsificationLoss", "activation_locality_loss",
-           "chunk_sparsification_loss", "hf_load_balancing_loss"]
+           "chunk_sparsification_loss", "hf_load_balancing_loss", "CompeteDistillLoss", "compete_distill_loss",
+           "GroupBalanceLoss", "group_balance_loss"]

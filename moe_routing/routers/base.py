@@ -59,6 +59,9 @@ class Router(nn.Module, ABC):
     #: chunk length L of the token- and chunk-level sparsity (``tls``, ``cls``) the layer adds to its stats for
     #: this router; None (the default) skips them. BlockFFN's router sets 8; any router instance may set it.
     stats_chunk_len: Optional[int] = None
+    #: routers that may read every expert's response to every token (`wants_expert_responses`); a layer then
+    #: needs all experts on its device
+    uses_expert_responses: ClassVar[bool] = False
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1) -> None:
         super().__init__()
@@ -99,6 +102,16 @@ class Router(nn.Module, ABC):
     def default_losses(self) -> list:
         """Losses a layer uses when the user passes none (see the README's router table)."""
         return []
+
+    # --- the expert-response hook (CompeteSMoE): the layer runs the experts, the router only reads ---
+    def wants_expert_responses(self, layer_key: object) -> bool:
+        """Whether this forward needs ``ctx.expert_responses[layer_key]`` (the layer then runs every expert on
+        every token and passes `expert_response` of the outputs). Default: never."""
+        return False
+
+    def expert_response(self, h_TED: Tensor) -> Tensor:
+        """[T, E] response of each expert from its outputs ``h_TED`` [T, E, D]."""
+        raise NotImplementedError(f"{type(self).__name__} does not read expert responses")
 
     # --- tensors a layer-level loss may read (filled into `LossInputs` by the layer) ---
     def gate_weight_ED(self) -> Optional[Tensor]:
