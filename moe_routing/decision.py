@@ -134,6 +134,8 @@ class RoutingContext:
         self.forced_experts: dict = dict(forced_experts or {})
         self.logit_offsets: dict = dict(logit_offsets or {})
         self.expert_responses: dict = {}
+        # {layer_key: logits_TE -> logits_TE}, applied after the offsets (test-time rerouting, `moe_routing.rerouting`)
+        self.logit_edits: dict = {}
         self.layer_state: dict = {}
 
     def to(self, device: Union[torch.device, str]) -> "RoutingContext":

@@ -100,6 +100,22 @@ def with_logit_offset(ctx: Optional[RoutingContext], layer_key: object, offset_E
     return out
 
 
+def with_logit_edit(ctx: Optional[RoutingContext], layer_key: object,
+                    edit: Callable[[Tensor], Tensor]) -> RoutingContext:
+    """``ctx`` (not modified) with ``logit_edits[layer_key] = edit``; per-layer state stays shared."""
+    out = RoutingContext() if ctx is None else copy.copy(ctx)
+    out.logit_edits = {**getattr(ctx, "logit_edits", {}), layer_key: edit}
+    return out
+
+
+def _compose(edits: list[Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
+    def edit(logits_TE: Tensor) -> Tensor:
+        for fn in edits:  # outer blocks first, the innermost last
+            logits_TE = fn(logits_TE)
+        return logits_TE
+    return edit
+
+
 class LayerRouting:
     """Routing state of one `MoELayer` that is not part of its state dict (a copy or unpickle starts empty).
 
@@ -108,12 +124,15 @@ class LayerRouting:
         recorders: callables receiving each original forward's `RoutingDecision` (`record_routing`).
         logit_offsets: float [E] offsets the active `moe_routing.intervene` blocks add to the router logits
             (nested blocks add up), applied to every forward while installed, recomputations included.
+        logit_edits: ``logits_TE -> logits_TE`` functions the active `moe_routing.rerouting` blocks apply after
+            the offsets (composed in installation order).
     """
 
     def __init__(self) -> None:
         self.replay: Optional[Callable[[int, torch.device], Tensor]] = None
         self.recorders: list[Callable[[RoutingDecision], None]] = []
         self.logit_offsets: list[Tensor] = []
+        self.logit_edits: list[Callable[[Tensor], Tensor]] = []
         self._with_graph: list[weakref.ref] = []
         self._no_grad: list[KeptSelection] = []
 
@@ -141,6 +160,8 @@ class LayerRouting:
             ctx = with_forced(ctx, layer.layer_key, forced)
         if self.logit_offsets:
             ctx = with_logit_offset(ctx, layer.layer_key, torch.stack(self.logit_offsets).sum(0))
+        if self.logit_edits:
+            ctx = with_logit_edit(ctx, layer.layer_key, _compose(list(self.logit_edits)))
         decision = layer.router(x_TD, ctx, layer.layer_key, backend)
         if recompute:
             return decision, None

@@ -6,9 +6,11 @@ router had produced them. ``fn`` may be differentiable (a gradient then reaches 
 vectors, a routing-weight vector being optimised). Additive offsets are the special case ``lambda l: l + delta``
 (`add_to_router_logits`).
 
-Mechanism: the router's ``gating`` method is shadowed by an instance attribute for the block (restored on exit,
-nested blocks included); no class, state dict or other layer is touched. Layers are numbered by their order in
-``model`` (`moe_routing.moe_layers`), and only `GatedRouter`s (routers with a ``gating`` step) can be edited.
+Mechanism: the edit is installed in the layer's routing hooks (`moe_routing.selection.LayerRouting.logit_edits`,
+the channel `moe_routing.intervene`'s offsets use too); the layer hands it to its router through the
+`RoutingContext` and `GatedRouter.route` applies it right after the offsets. No router is patched; nested blocks
+compose (outer first) and each is removed on exit. Layers are numbered by their order in ``model``
+(`moe_routing.moe_layers`), and only `GatedRouter`s (routers with a ``gating`` step) can be edited.
 """
 from __future__ import annotations
 
@@ -67,30 +69,15 @@ def edit_router_logits(model: nn.Module, edits: Mapping[int, LogitEdit]) -> Iter
         if not isinstance(layers[i].router, GatedRouter):
             raise TypeError(f"MoE layer {i} has a {type(layers[i].router).__name__}, which computes no logits to "
                             "edit (only GatedRouter subclasses can be rerouted)")
-    saved = []
+    installed = []
     try:
         for i, fn in edits.items():
-            router = layers[i].router
-            had = "gating" in router.__dict__
-            saved.append((router, had, router.__dict__.get("gating")))
-            inner = router.gating  # the bound method, or an enclosing block's edit
-
-            def gating(x_TD: Tensor, ctx, _inner=inner, _fn=fn, _i=i) -> Tensor:
-                logits_TE = _inner(x_TD, ctx)
-                out = _fn(logits_TE)
-                if not isinstance(out, Tensor) or out.shape != logits_TE.shape:
-                    raise ValueError(f"the logit edit of MoE layer {_i} must return a tensor of shape "
-                                     f"{tuple(logits_TE.shape)}, got {getattr(out, 'shape', type(out).__name__)}")
-                return out
-
-            router.__dict__["gating"] = gating
+            installed.append((layers[i]._routing, fn))
+            layers[i]._routing.logit_edits.append(fn)
         yield
     finally:
-        for router, had, previous in reversed(saved):
-            if had:
-                router.__dict__["gating"] = previous
-            else:
-                router.__dict__.pop("gating", None)
+        for routing, fn in reversed(installed):
+            routing.logit_edits = [f for f in routing.logit_edits if f is not fn]
 
 
 def add_to_router_logits(model: nn.Module, offsets: Mapping[int, Tensor]):

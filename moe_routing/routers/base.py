@@ -293,6 +293,12 @@ class GatedRouter(Router):
         logits_TE = self.gating(x_TD, ctx)
         if ctx is not None and layer_key in ctx.logit_offsets:  # a routing intervention (moe_routing.intervene)
             logits_TE = logits_TE + ctx.logit_offsets[layer_key].to(logits_TE.device, logits_TE.dtype)
+        if ctx is not None and layer_key in ctx.logit_edits:  # test-time rerouting (moe_routing.rerouting)
+            edited = ctx.logit_edits[layer_key](logits_TE)
+            if not isinstance(edited, Tensor) or edited.shape != logits_TE.shape:
+                raise ValueError(f"a logit edit must return a tensor of shape {tuple(logits_TE.shape)}, got "
+                                 f"{getattr(edited, 'shape', type(edited).__name__)}")
+            logits_TE = edited
         logits_TE, nonfinite = check_finite_logits(logits_TE, self.strict)
         scores_TE = self.scores(logits_TE)
         if self.variable_k:
