@@ -198,11 +198,11 @@ def _run(c: Config, log) -> dict:
     g = torch.Generator().manual_seed(c.seed + 1)
     start, cpu_start = time.time(), time.process_time()
     policy = build_policy(c)
-    mr.set_aux_loss_scale(policy, 0.0)  # the balance loss is for pre-training; the gradients below are the PG's
     loss = pretrain(policy, c, g)
     log(f"pre-training: {c.pretrain_steps} steps, final LM loss {loss:.3f} ({time.time() - start:.1f}s)")
+    mr.set_aux_loss_scale(policy, 0.0)  # the balance loss was for pre-training; the gradients below are the PG's
     opt = torch.optim.AdamW(policy.parameters(), lr=c.rl_lr)
-    engine = copy.deepcopy(policy).to(torch.bfloat16)
+    engine = copy.deepcopy(policy).to(torch.bfloat16).eval().requires_grad_(False)
     results = {"r3": [], "r2": []}
 
     log("\nR3 (replay the rollout's routing in the trainer): bf16 engine, batch 1  vs  fp32 trainer, padded batch")
