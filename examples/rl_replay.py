@@ -16,7 +16,7 @@ tokens' log-probs (`logprob_mismatch`), and the gradient norm of the policy-grad
 mini-batches, the old policy's routing recorded by `mr.record_routing` in the (no-grad) old-log-prob pass, and
 every later mini-batch update (after >= 1 optimizer step) measured without replay and with the R2 replay.
 
-Seeded and deterministic on a given machine. Runs in about a minute on 2 CPU cores:
+Seeded and deterministic (one thread). About 40 s of CPU time (single-threaded):
 ``python examples/rl_replay.py`` (``--smoke`` for a few-second run; ``--out`` writes a markdown table).
 """
 from __future__ import annotations
