@@ -11,7 +11,10 @@ backward passes run in (gradient accumulation, pipeline schedules), and is never
 recomputation when it runs inside a backward (``torch._C._current_graph_task_id() != -1``) with grad enabled;
 it then forces the kept selection of the same token count. When several are alive (micro-batches in flight),
 the one whose input fingerprint (column sums of the router input, float32) is nearest to the recomputed input's
-is picked on the device (argmin and a gather: no host sync).
+is picked on the device (argmin and a gather: no host sync); on a tie a graph-owned selection wins, then the
+newest no-grad one. Two forwards of the *same* input whose graphs are both alive but whose selections differ
+(one replayed, one native) cannot be told apart: on the CPU (accelerators: ``MOE_ROUTING_DEBUG=1``) the
+recomputation raises rather than silently using the other's selection.
 
 Reentrant checkpoints (``use_reentrant=True``) run the original forward under ``no_grad``, so there is no graph
 to own the selection: a no-grad forward of a layer in training mode whose parameters require grad keeps its
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .decision import RoutingContext, RoutingDecision
+from .settings import debug_checks
 
 #: no-grad forwards (reentrant checkpoint) whose selection a layer keeps for a recomputation
 NO_GRAD_SLOTS = 8
@@ -143,10 +147,15 @@ class LayerRouting:
         return LayerRouting()
 
     def kept(self) -> list[KeptSelection]:
-        """Selections alive for a recomputation: graph-owned first, then the no-grad ones."""
+        """Selections alive for a recomputation: graph-owned first, then the no-grad ones, newest first (a
+        reentrant checkpoint's forward is newer than an earlier no-grad pass over the same tokens, e.g. the
+        old-log-prob pass, and must win a fingerprint tie against it)."""
+        return self._graph_owned() + self._no_grad[::-1]
+
+    def _graph_owned(self) -> list[KeptSelection]:
         alive = [k for k in (r() for r in self._with_graph) if k is not None]
         self._with_graph = [weakref.ref(k) for k in alive]
-        return alive + self._no_grad
+        return alive
 
     def route(self, layer, x_TD: Tensor, ctx: Optional[RoutingContext],
               backend: str) -> tuple[RoutingDecision, Optional[KeptSelection]]:
@@ -189,15 +198,33 @@ class LayerRouting:
 
     def _recomputed_selection(self, x_TD: Tensor) -> Optional[Tensor]:
         T = x_TD.shape[0]
-        candidates = [k for k in self.kept() if k.selection.shape[0] == T]
+        graph_owned = [k for k in self._graph_owned() if k.selection.shape[0] == T]
+        candidates = graph_owned + [k for k in self._no_grad[::-1] if k.selection.shape[0] == T]
         if not candidates:
             return None
         if len(candidates) == 1:
             return candidates[0].selection.to(x_TD.device)
         fp_D = fingerprint(x_TD)
         fps_CD = torch.stack([k.fingerprint_D.to(fp_D.device) for k in candidates])
-        best = (fps_CD - fp_D).abs().sum(1).argmin()  # first of equals: a graph-owned selection wins a tie
+        dist_C = (fps_CD - fp_D).abs().sum(1)
+        best = dist_C.argmin()  # first of equals: a graph-owned selection wins a tie
         sels = [k.selection.to(x_TD.device) for k in candidates]
         if sels[0].dtype != torch.bool:
             sels = [s.long() for s in sels]
+        if x_TD.device.type == "cpu" or debug_checks():
+            self._check_unambiguous(len(graph_owned), dist_C, sels)
         return torch.stack(sels).index_select(0, best.reshape(1))[0]
+
+    @staticmethod
+    def _check_unambiguous(n_graph: int, dist_C: Tensor, sels: list[Tensor]) -> None:
+        """Two forwards with graphs alive whose inputs match the recomputed one equally well (the same tokens
+        run twice) but whose selections differ (e.g. one replayed, one native): the fingerprint cannot tell
+        which is recomputed, and picking one would silently give the other's gradient. A host sync: on the CPU,
+        or on accelerators with ``MOE_ROUTING_DEBUG=1``."""
+        tied = [i for i in (dist_C == dist_C.min()).nonzero().flatten().tolist() if i < n_graph]
+        if any(not torch.equal(sels[tied[0]], sels[i]) for i in tied[1:]):
+            raise RuntimeError(
+                f"activation-checkpoint recomputation of an MoE layer: {len(tied)} forwards of the same input "
+                f"({sels[0].shape[0]} tokens) with different expert selections have their graphs alive, so the "
+                "recomputation cannot tell which one it recomputes; run backward on one before the next forward "
+                "of the same tokens with other routing (e.g. replayed vs native)")

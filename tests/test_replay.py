@@ -221,6 +221,45 @@ def test_two_micro_batches_in_flight_each_recompute_their_own(ckpt, order):
             assert torch.equal(used[i][before], recs[m].experts_TLK[:, i].long())
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # the no-grad pass, checkpointed
+@pytest.mark.parametrize("ckpt", ["non_reentrant", "reentrant"])
+def test_replayed_recompute_after_a_native_no_grad_pass_over_the_same_tokens(ckpt):
+    """The old-log-prob pass (no grad, train mode) routes the micro-batch natively; the checkpointed training
+    forward of the same tokens replays other experts: its recomputation must use the replayed selection, not
+    the earlier no-grad one whose input fingerprint is identical (a reentrant forward is no-grad too)."""
+    torch.manual_seed(16)
+    model, plain = Stack("topk", ckpt=ckpt), Stack("topk")
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(T, D)
+    target = random_experts(T, L, K, seed=17)
+    with torch.no_grad():
+        model(x)
+    for m in (model, plain):
+        with replay_routing(m, target):
+            y = m(x.clone().requires_grad_(True))
+        y.square().sum().backward()
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_same_tokens_in_flight_with_different_routing_cannot_recompute_silently():
+    """Two checkpointed forwards of the same tokens with graphs alive, one native and one replayed: the
+    recomputation cannot tell them apart by input, so it raises instead of using the other's selection. Two
+    forwards that routed alike are no ambiguity."""
+    torch.manual_seed(18)
+    model = Stack("topk", ckpt="non_reentrant")
+    x = torch.randn(T, D, requires_grad=True)
+    y_native = model(x)
+    with replay_routing(model, random_experts(T, L, K, seed=19)):
+        y_replayed = model(x)
+    with pytest.raises(RuntimeError, match="cannot tell which one it recomputes"):
+        y_replayed.sum().backward()
+    del y_native, y_replayed
+    ys = [model(x) for _ in range(2)]
+    for y in ys:
+        y.sum().backward()
+
+
 def test_order_invariance_is_bitwise():
     torch.manual_seed(7)
     for dtype in (torch.float32, torch.bfloat16):

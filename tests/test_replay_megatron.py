@@ -8,11 +8,12 @@ fixture binds it to None, the value mcore's own fallback branch expects.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
 
-from moe_routing import MoELayer, RoutingContext
+from moe_routing import MoELayer, RoutingContext, replay_routing
 from moe_routing.replay import from_megatron, get_megatron_record, set_megatron_replay, to_megatron
 
 from helpers import gen
@@ -128,18 +129,24 @@ def our_layers(weights):
     return layers
 
 
-def run_ours(layers, xs_BSD, forced_TLK=None):
-    """Each layer on its input; returns the chosen experts [T, L, K] and gates [T, L, K] it routed with."""
+def run_ours(layers, xs_BSD, forced_TLK=None, public_replay=None):
+    """Each layer on its input; returns the chosen experts [T, L, K] and gates [T, L, K] it routed with.
+
+    ``forced_TLK`` forces through ``RoutingContext(forced_experts=...)``; ``public_replay`` (a record) wraps
+    the layers, called one by one, in ``mr.replay_routing``."""
     experts, gates = [], []
-    for l, (layer, x) in enumerate(zip(layers, xs_BSD)):
-        seen = []
-        handle = layer.router.register_forward_hook(lambda m, args, out: seen.append(out))
-        ctx = None if forced_TLK is None else RoutingContext(forced_experts={l: forced_TLK[:, l]})
-        with torch.no_grad():
-            layer(x, ctx)
-        handle.remove()
-        experts.append(seen[0].experts_TK)
-        gates.append(seen[0].weights_TK)
+    replay = (nullcontext() if public_replay is None
+              else replay_routing(torch.nn.ModuleList(layers), public_replay))
+    with replay:
+        for l, (layer, x) in enumerate(zip(layers, xs_BSD)):
+            seen = []
+            handle = layer.router.register_forward_hook(lambda m, args, out: seen.append(out))
+            ctx = None if forced_TLK is None else RoutingContext(forced_experts={l: forced_TLK[:, l]})
+            with torch.no_grad():
+                layer(x, ctx)
+            handle.remove()
+            experts.append(seen[0].experts_TK)
+            gates.append(seen[0].weights_TK)
     return torch.stack(experts, 1), torch.stack(gates, 1)
 
 
@@ -175,6 +182,16 @@ def test_mcore_record_replays_in_our_layer(mcore_routers):
     assert not torch.equal(native.sort(-1).values, rec.long().sort(-1).values)
     replayed, _ = run_ours(moved, xs_BSD, forced_TLK=rec)
     assert torch.equal(replayed, rec.long())
+    # the public API replays mcore's record to the same selection and gates as the forced_experts channel
+    # (its columns sorted per token: the replay's canonical order; the set is mcore's)
+    public, public_gates = run_ours(moved, xs_BSD, public_replay=rec)
+    assert torch.equal(public, rec.long().sort(-1).values)
+    _, forced_gates = run_ours(moved, xs_BSD, forced_TLK=rec.long().sort(-1).values)
+    assert torch.equal(public_gates, forced_gates)
+    same_weights = our_layers([r.weight.detach() for r in routers])
+    _, public_gates = run_ours(same_weights, xs_BSD, public_replay=rec)
+    for l in range(L):
+        torch.testing.assert_close(public_gates[:, l], probs[l].gather(1, public[:, l]), rtol=1e-6, atol=1e-7)
 
 
 def test_our_record_replays_in_mcore(mcore_routers):
