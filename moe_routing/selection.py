@@ -86,29 +86,11 @@ def fingerprint(x_TD: Tensor) -> Tensor:
     return x_TD.detach().sum(0, dtype=torch.float32)
 
 
-def with_forced(ctx: Optional[RoutingContext], layer_key: object, forced: Tensor) -> RoutingContext:
-    """``ctx`` (not modified) with ``forced_experts[layer_key] = forced``; per-layer state stays shared."""
-    if ctx is None:
-        return RoutingContext(forced_experts={layer_key: forced})
-    out = copy.copy(ctx)
-    out.forced_experts = {**ctx.forced_experts, layer_key: forced}
-    return out
-
-
-def with_logit_offset(ctx: Optional[RoutingContext], layer_key: object, offset_E: Tensor) -> RoutingContext:
-    """``ctx`` (not modified) with ``logit_offsets[layer_key] = offset_E``; per-layer state stays shared."""
-    if ctx is None:
-        return RoutingContext(logit_offsets={layer_key: offset_E})
-    out = copy.copy(ctx)
-    out.logit_offsets = {**ctx.logit_offsets, layer_key: offset_E}
-    return out
-
-
-def with_logit_edit(ctx: Optional[RoutingContext], layer_key: object,
-                    edit: Callable[[Tensor], Tensor]) -> RoutingContext:
-    """``ctx`` (not modified) with ``logit_edits[layer_key] = edit``; per-layer state stays shared."""
+def with_layer_entry(ctx: Optional[RoutingContext], field: str, layer_key: object, value) -> RoutingContext:
+    """``ctx`` (not modified) with ``ctx.<field>[layer_key] = value`` (``field``: ``forced_experts``,
+    ``logit_offsets`` or ``logit_edits``); a shallow copy, so per-layer state stays shared."""
     out = RoutingContext() if ctx is None else copy.copy(ctx)
-    out.logit_edits = {**getattr(ctx, "logit_edits", {}), layer_key: edit}
+    setattr(out, field, {**getattr(out, field), layer_key: value})
     return out
 
 
@@ -166,11 +148,11 @@ class LayerRouting:
         if forced is None and self.replay is not None:
             forced = self.replay(x_TD.shape[0], x_TD.device)
         if forced is not None:
-            ctx = with_forced(ctx, layer.layer_key, forced)
+            ctx = with_layer_entry(ctx, "forced_experts", layer.layer_key, forced)
         if self.logit_offsets:
-            ctx = with_logit_offset(ctx, layer.layer_key, torch.stack(self.logit_offsets).sum(0))
+            ctx = with_layer_entry(ctx, "logit_offsets", layer.layer_key, torch.stack(self.logit_offsets).sum(0))
         if self.logit_edits:
-            ctx = with_logit_edit(ctx, layer.layer_key, _compose(list(self.logit_edits)))
+            ctx = with_layer_entry(ctx, "logit_edits", layer.layer_key, _compose(list(self.logit_edits)))
         decision = layer.router(x_TD, ctx, layer.layer_key, backend)
         if recompute:
             return decision, None
