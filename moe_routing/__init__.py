@@ -10,10 +10,13 @@ from . import replay  # routing replay for RL: mr.replay.from_engine, pack_recor
 from .routers import (ExpertChoiceRouter, GatedRouter, HashRouter, HyperRouter, RecurrentRouter, RecurrentRouterGroup,
                       ReLURouter, Router, SinkhornRouter, TopKRouter)
 
+from .smear import SMEARLayer  # SMEAR: one merged expert per example
+from . import convert  # dense to MoE: convert.upcycle, convert.carve, convert.pregate
+
 __version__ = "0.1.0"
 
 __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
            "ExpertChoiceRouter", "HashRouter", "HyperRouter", "ReLUL1Loss", "Router", "RoutingDecision", "RoutingContext", "routing_context",
            "GroupedExperts", "SharedExperts", "Loss", "SwitchAuxLoss", "SequenceAuxLoss", "GlobalBatchAuxLoss",
            "ZLoss", "ERCLoss", "DPSLoss", "step", "set_aux_loss_scale", "aux_losses", "total_aux_loss", "moe_layers",
-           "routing_report", "format_routing_report"]
+           "routing_report", "format_routing_report", "SMEARLayer", "convert"]
