@@ -32,7 +32,7 @@ class SMEARLayer(nn.Module):
     ``[B, S, D]`` input; the sequences of ``ctx.seq_lens`` for a packed ``[T, D]`` input; else the whole
     ``[T, D]`` input is one example. Padding (``ctx.padding_mask``) is left out of the mean the router reads.
 
-    Args (as `MoELayer` where they apply):
+    Args (as `MoELayer` where they apply; keyword-only after E, since `MoELayer`'s 4th positional is top_k):
         hidden_size: D.  ffn_hidden_size: F of each expert.  num_experts: E.
         activation: "swiglu" | "gelu" | "relu" (the experts' `GroupedExperts` layout: ``w_gate``/``w_up``
             [E, D, F], ``w_down`` [E, F, D]).
@@ -46,8 +46,8 @@ class SMEARLayer(nn.Module):
     (every expert takes part), capacity, dispatch backends, balance losses (the paper uses none).
     """
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, activation: str = "swiglu",
-                 num_shared_experts: int = 0, *, router_kwargs: Optional[dict] = None,
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, *, activation: str = "swiglu",
+                 num_shared_experts: int = 0, router_kwargs: Optional[dict] = None,
                  layer_idx: Optional[int] = None, track_stats: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         check_int("hidden_size", hidden_size, 1)

@@ -82,7 +82,7 @@ def group_neurons(markers_TF: Tensor, num_experts: int, num_shared_experts: int,
         raise ValueError(f"num_experts must divide the FFN hidden size {Fh}, got {num_experts}")
     check_int("max_iters", max_iters, 1)
     m, k = Fh // num_experts, num_experts - num_shared_experts
-    markers = markers_TF.double()
+    markers = markers_TF.detach().double().cpu()  # the assignment solver runs on the host
     rates = markers.mean(0)
     order = _ranked(rates)
     shared = order[: num_shared_experts * m]
