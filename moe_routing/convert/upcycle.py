@@ -1,11 +1,12 @@
 """Sparse upcycling (Komatsuzaki et al., "Sparse Upcycling: Training Mixture-of-Experts from Dense
-Checkpoints", ICLR 2023, arXiv 2212.05055; code: google-research/vmoe and t5x ``sparse_upcycling``).
+Checkpoints", ICLR 2023, arXiv 2212.05055; the authors' code, in google-research/vmoe and T5X, was not read).
 
 Every expert starts as a copy of the dense FFN; the router is the only new parameter. Following the paper, the
-router is freshly initialised (zero-mean normal, no bias; its std is the library's 0.02 default) and the
-decoder's top-k router with k = 2 is kept; with gates that sum to 1 over the k chosen experts (softmax over the
-chosen logits, the default for k > 1), identical experts make the upcycled layer compute the dense FFN exactly
-whatever the router does, which is the paper's "the upcycled model starts where the dense one ended".
+router is freshly initialised (zero-mean normal, no bias; its std 0.02 is the library's default, not taken from
+the paper) and token-choice top-k routing with k = 2 is the default, as in the paper's decoder. With gates that
+sum to 1 over the k chosen experts (softmax over the chosen logits, the default for k > 1), identical experts
+make the upcycled layer compute the dense FFN exactly whatever the router does: the upcycled model starts from
+the dense model's function.
 
 ``noise_std`` (not in the paper; the usual remedy for identical experts that stay identical, e.g.
 Drop-Upcycling, arXiv 2502.19261, re-initialises parts instead) adds independent Gaussian noise to each copy,
