@@ -119,6 +119,16 @@ class SMEARLayer(nn.Module):
                 out[name] = torch.einsum("be,e...->b...", probs_BE.to(w.dtype), w)
         return out
 
+    def _ffn(self, x_BSD: Tensor, merged: dict[str, Tensor]) -> Tensor:
+        """The merged experts on their examples: [B, S, D] -> [B, S, D]."""
+        up = x_BSD @ merged["w_up"].to(x_BSD.dtype)
+        act = self.experts.activation
+        if act == "swiglu":
+            h = F.silu(x_BSD @ merged["w_gate"].to(x_BSD.dtype)) * up
+        else:
+            h = F.gelu(up) if act == "gelu" else F.relu(up)
+        return h @ merged["w_down"].to(h.dtype)
+
     def forward(self, x: Tensor, ctx: Optional[RoutingContext] = None) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -136,16 +146,11 @@ class SMEARLayer(nn.Module):
         pad_T = None if ctx is None else ctx.to(x.device).padding_T(T)
         probs_BE = self.routing_probs(x_TD, lens, None if pad_T is None else ~pad_T)
         merged = self.merged_weights(probs_BE)
-        act = self.experts.activation
-        y_parts = []
-        for b, x_SD in enumerate(x_TD.split(lens)):  # one merged FFN per example
-            up = x_SD @ merged["w_up"][b].to(x_SD.dtype)
-            if act == "swiglu":
-                h = F.silu(x_SD @ merged["w_gate"][b].to(x_SD.dtype)) * up
-            else:
-                h = F.gelu(up) if act == "gelu" else F.relu(up)
-            y_parts.append(h @ merged["w_down"][b].to(h.dtype))
-        y_TD = torch.cat(y_parts)
+        if len(set(lens)) == 1:  # equal lengths: one batched matmul per weight
+            y_TD = self._ffn(x_TD.reshape(len(lens), lens[0], self.hidden_size), merged).reshape(T, self.hidden_size)
+        else:  # one merged FFN per example
+            y_TD = torch.cat([self._ffn(x_SD[None], {k: w[b:b + 1] for k, w in merged.items()})[0]
+                              for b, x_SD in enumerate(x_TD.split(lens))])
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         if self.track_stats:
