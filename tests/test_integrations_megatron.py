@@ -344,7 +344,7 @@ def test_balance_losses_equal_mcore(mcore, score_func):
 
 
 def test_spec_goes_into_a_gpt_layer_spec(mcore):
-    """The README's example builds a GPTModel whose MoE layers route with ours (its attention needs mcore's CUDA
+    """docs/integrations.md's example builds a GPTModel whose MoE layers route with ours (its attention needs mcore's CUDA
     RNG tracker, so only an MoE layer runs here)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
