@@ -79,3 +79,61 @@ def test_fsdp2_matches_single_process(tmp_path, router, ep):
 @pytest.mark.slow
 def test_multi_process_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     _check_against_single_process(tmp_path, "topk", ep=2, resume=True)
+
+
+_CRASH_WRAPPER = '''
+import os, sys
+import moe_routing.ablate.distributed_train as dt
+real = dt.get_batch
+def get_batch(tokens_N, batch, seq_len, seed, step):
+    if step == int(os.environ["CRASH_AT_STEP"]) and os.environ["RANK"] == "1":
+        raise RuntimeError("simulated failure on rank 1")
+    return real(tokens_N, batch, seq_len, seed, step)
+dt.get_batch = get_batch
+from moe_routing.ablate.cli import main
+sys.exit(main())
+'''
+
+
+def _torchrun(tmp_path: Path, args: list[str], crash_at: int = -1):
+    import os
+    import subprocess
+    import sys
+
+    wrapper = tmp_path / "crash_wrapper.py"
+    wrapper.write_text(_CRASH_WRAPPER)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "CRASH_AT_STEP": str(crash_at), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "0",
+           str(wrapper), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_crash_then_resume(tmp_path):
+    """``torchrun --nproc-per-node 2 -m moe_routing.ablate --ep 2``: a rank that raises at step 3 ends the whole
+    run with its error (no hang, no result); rerunning resumes from the step-2 checkpoint on both ranks and
+    finishes like a single process with micro-batches of the ranks' rows."""
+    import json
+
+    from moe_routing.ablate.cli import main
+
+    text = tmp_path / "corpus.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text("".join(chr(32 + int(c)) for c in torch.randint(0, 90, (40_000,), generator=g)))
+    args = ["--preset", "smoke", "--steps", "4", "--routers", "topk", "--seeds", "0", "--ckpt-interval", "2",
+            "--data", str(text), "--no-plots", "--no-progress"]
+    out = tmp_path / "par"
+    crashed = _torchrun(tmp_path, [*args, "--ep", "2", "--out", str(out)], crash_at=3)
+    assert crashed.returncode != 0
+    assert "simulated failure on rank 1" in crashed.stderr
+    run_dir = out / "topk" / "seed0"
+    assert read_checkpoint(run_dir / CKPT_NAME).run_state["step"] == 2 and not (run_dir / "result.json").exists()
+    resumed = _torchrun(tmp_path, [*args, "--ep", "2", "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("results:") == 1  # rank 0 alone reports
+    assert main([*args, "--micro-batch", "2", "--out", str(tmp_path / "single")]) == 0
+    got = json.loads((run_dir / "result.json").read_text())
+    want = json.loads((tmp_path / "single" / "topk" / "seed0" / "result.json").read_text())
+    assert got["train_losses"] == pytest.approx(want["train_losses"], rel=1e-5)
+    assert got["final_val_loss"] == pytest.approx(want["final_val_loss"], rel=1e-5)

@@ -114,7 +114,12 @@ def shard_experts(model: nn.Module, par: Parallel) -> None:
     from the full ones, so all ranks start from the single-process initialisation). ep = 1: unchanged."""
     if par.ep == 1:
         return
+    from ..losses.erc import ERCLoss
+
     for _, layer in moe_layers(model):
+        if any(isinstance(loss, ERCLoss) for loss in layer.losses):
+            raise ValueError("the ERC loss needs every expert's gate weights on every rank: router topk_erc runs "
+                             "with --ep 1 only")
         full = layer.experts
         dispatcher = AllToAllDispatcher(par.ep_group)
         config = {"top_k": layer.top_k, "router": type(layer.router).__name__,
