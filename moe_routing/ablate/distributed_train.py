@@ -36,8 +36,13 @@ def _save(path: Path, model, optimizer, step: int, state: dict, par: Parallel) -
     model_state = gather_model_state(model, par)
     opt_state = gather_optimizer_state(model, optimizer, par)
     rng = gather_rng_states()
-    if not par.is_main:
-        return
+    if par.is_main:
+        _write(path, model_state, opt_state, rng, step, state)
+    # nobody goes on before the file is complete: the next call (a resume) must see it on every rank
+    torch.distributed.barrier()
+
+
+def _write(path: Path, model_state: dict, opt_state: dict, rng: list, step: int, state: dict) -> None:
     kept, aliases = _dedup(model_state)
     tensors = {f"model/{k}": v for k, v in kept.items()}
     for i, st in opt_state.items():
@@ -70,6 +75,11 @@ def train_parallel(p: Preset, router: str, seed: int, data: Data, run_dir: Path,
         model.load_state_dict(weights, strict=True)  # full weights, before sharding
         state = dict(saved.run_state)
         start = state.pop("step")
+    starts: list = [None] * par.world
+    torch.distributed.all_gather_object(starts, start)
+    if len(set(starts)) > 1:  # e.g. a checkpoint folder not shared by all ranks: refuse instead of diverging
+        raise RuntimeError(f"ranks would resume {ckpt_path} from different steps {starts}; every rank must see "
+                           "the same run folder")
     model = parallelize(model.to(dev), par)
     optimizer = make_optimizer(model, p)
     set_aux_loss_scale(model, 1.0 / accum)  # each rank averages its micro-batches; FSDP averages the ranks
@@ -172,4 +182,5 @@ def train_parallel(p: Preset, router: str, seed: int, data: Data, run_dir: Path,
               **{f"final_{k}": v for k, v in final.items() if k != "val_loss"}}
     if par.is_main:
         atomic_write_checked_json(result_path, result)
+    torch.distributed.barrier()  # the result file exists on every rank's return
     return result

@@ -137,11 +137,20 @@ def parallelize(model: nn.Module, par: Parallel) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     shard_experts(model, par)
-    ignored = {p for m in expert_modules(model) for p in m.parameters()}
+    experts = {p for m in expert_modules(model) for p in m.parameters()}
+    # a parameter reachable from two blocks, or from a block and the root (the rmoe group's GRU and routers),
+    # belongs to the root unit: FSDP2 gives each parameter to one unit, and the root's stays unsharded from its
+    # forward to its backward, which covers every block's use of it
+    owners: dict[nn.Parameter, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        parts = name.split(".")
+        owners.setdefault(p, set()).add(".".join(parts[:2]) if parts[0] == "blocks" else "root")
+    shared = {p for p, where in owners.items() if len(where) > 1}
     mesh = par.flat_mesh
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, ignored_params=ignored & set(block.parameters()))
-    fully_shard(model, mesh=mesh, ignored_params=ignored)
+        fully_shard(block, mesh=mesh, ignored_params=(experts | shared) & set(block.parameters()))
+    in_blocks = {p for block in model.blocks for p in block.parameters()} - shared
+    fully_shard(model, mesh=mesh, ignored_params=experts | in_blocks)
     return model
 
 
@@ -203,13 +212,14 @@ def gather_model_state(model: nn.Module, par: Parallel) -> dict[str, Tensor]:
     """The single-process state dict (full tensors, plain expert keys) on every rank (collective)."""
     from ..dispatch.sharding import _SHARD_KEY
 
-    out = {}
-    for key, value in model.state_dict().items():
+    out, done = {}, {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in done:  # an alias (the rmoe routers): the same full tensor, so the checkpoint dedups it
+            out[key] = done[id(value)]
+            continue
         m = _SHARD_KEY.match(key)
-        if m is not None:
-            out[m["base"]] = _gather_experts(value, par)
-        else:
-            out[key] = full_tensor(value)
+        full = _gather_experts(value.detach(), par) if m is not None else full_tensor(value.detach())
+        out[m["base"] if m is not None else key] = done[id(value)] = full
     return out
 
 
