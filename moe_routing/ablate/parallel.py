@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..control import moe_layers
-from ..dispatch import AllToAllDispatcher, ShardedExperts
+from ..dispatch import AllToAllDispatcher
 from ..experts import GroupedExperts
 
 TIMEOUT = timedelta(minutes=10)  # a rank stuck in a collective raises after this instead of hanging forever
