@@ -199,3 +199,41 @@ def half_expert_routing(T: int, E: int, K: int, variable: bool, g: torch.Generat
             token.append(t)
             expert.append(e)
     return torch.tensor(token, dtype=torch.long), torch.tensor(expert, dtype=torch.long)
+
+
+GLOO_JOIN_TIMEOUT_S = 600  # generous for a slow shared machine; a real failure raises long before
+
+
+def run_gloo_workers(worker, world: int, *args, timeout_s: float = GLOO_JOIN_TIMEOUT_S) -> None:
+    """``worker(rank, world, *args)`` on ``world`` spawned processes in one gloo group (60 s collective timeout);
+    a failure on any rank raises here with its traceback; workers alive after ``timeout_s`` are killed and the
+    test fails (a hang never blocks CI)."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed unavailable")
+    import time
+
+    import torch.multiprocessing as tmp
+
+    with tempfile.TemporaryDirectory() as d:
+        ctx = tmp.start_processes(_gloo_entry, args=(worker, world, os.path.join(d, "init"), args), nprocs=world,
+                                  join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"gloo workers still running after {timeout_s} s (a hang)")
+
+
+def _gloo_entry(rank, worker, world, init_file, args):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()

@@ -106,6 +106,12 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     device = next(model.parameters()).device
     if device.type == "cuda":
         tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
+    write_checkpoint(path, tensors, aliases, step, run_state)
+
+
+def write_checkpoint(path: Path, tensors: dict[str, Tensor], aliases: dict[str, str], step: int,
+                     run_state: dict) -> None:
+    """Write ``tensors`` (named as `save_checkpoint` names them) with the run state, alias map and checksum."""
     meta = {"run_state": json.dumps({**run_state, "step": step}), "aliases": json.dumps(aliases), "format": FORMAT}
     meta[CHECKSUM_KEY] = checkpoint_sha256(meta["run_state"], meta["aliases"], tensors)
     atomic_write_bytes(path, st_save(tensors, metadata=meta))

@@ -2,10 +2,13 @@
 ``moe-ablate sweep ...`` fits a routed scaling law over model widths and expert counts (see ``--help`` there).
 
 Rerunning the same command resumes every unfinished run from its last checkpoint and skips finished ones.
+Under ``torchrun --nproc-per-node N`` the runs are data parallel over the N processes (FSDP2), optionally with
+expert parallelism (``--ep``); rank 0 writes every file and draws the progress bars.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -21,7 +24,12 @@ from .data import Corpus, check_tokenizer_spec, load_corpus
 from .lock import FolderInUseError, folder_lock
 from .registry import ROUTER_BUILDERS, check_router_names
 from .results import aggregate, format_table, write_results
+from .parallel import Parallel, check_batch, init_parallel, launched_by_torchrun, rank0_first
 from .train import library_digest, load_data, train_run
+
+
+def _silent(*args, **kwargs) -> None:
+    """``print`` on ranks other than 0."""
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -76,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verify", metavar="RUN_DIR",
                     help="retrain one finished run (e.g. runs/ablate-quick/topk/seed0) from scratch and check its "
                          "recorded metrics bitwise; exit 1 naming the first differing step if they differ")
+    ap.add_argument("--ep", type=_count(1), default=1,
+                    help="expert-parallel size under torchrun (divides the process count; default 1: experts "
+                         "replicated, every process data parallel)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return ap
@@ -114,6 +125,20 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    parallel = None
+    if launched_by_torchrun():
+        if args.verify is not None:
+            raise ValueError("--verify retrains in a single process: run it without torchrun")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        parallel = init_parallel(args.ep, device)
+        if parallel.is_main:
+            print(f"moe-ablate: {parallel.world} processes: data parallel {parallel.dp} x expert parallel "
+                  f"{parallel.ep} (FSDP2 for non-expert parameters)", flush=True)
+    elif args.ep != 1:
+        raise ValueError(f"--ep {args.ep} needs several processes: launch with torchrun --nproc-per-node N "
+                         "(N a multiple of --ep)")
     if args.verify is not None:
         from .verify import verify_run
 
@@ -133,30 +158,41 @@ def run(args: argparse.Namespace) -> dict:
     corpus = load_corpus(args.data)
     # held until the results are written: a second process on the same --out stops here instead of deleting
     # this one's temporaries and overwriting its files
-    with folder_lock(out, "--out folder"):
-        return _sweep(args, preset, device, out, corpus)
+    if parallel is not None:
+        check_batch(parallel, preset.global_batch, preset.micro_batch)
+    lock = folder_lock(out, "--out folder") if parallel is None or parallel.is_main else contextlib.nullcontext()
+    with lock:
+        return _sweep(args, preset, device, out, corpus, parallel)
 
 
-def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: Path, corpus: Corpus) -> dict:
-    """Train every (router, seed), then aggregate and write results and plots (``out`` is locked)."""
-    remove_stale_temporaries(out)
-    data = load_data(preset, corpus, out / "tokenizer-cache")
+def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: Path, corpus: Corpus,
+           parallel: Optional[Parallel] = None) -> dict:
+    """Train every (router, seed), then aggregate and write results and plots (``out`` is locked); under
+    torchrun every rank trains, rank 0 alone prints and writes."""
+    main = parallel is None or parallel.is_main
+    with rank0_first(parallel):  # rank 0 trains and caches the tokenizer, the others read the cache
+        if main:
+            remove_stale_temporaries(out)
+        data = load_data(preset, corpus, out / "tokenizer-cache")
     train_N, val_N = data.train_N, data.val_N
-    print(f"moe-ablate: preset {preset.name}: D={preset.d_model} L={preset.n_layers} E={preset.num_experts} "
-          f"k={preset.top_k} F={preset.expert_hidden} seq={preset.seq_len} batch={preset.global_batch} "
-          f"steps={preset.steps}; data {corpus.source}: {train_N.numel()} train / {val_N.numel()} val tokens "
-          f"({data.tokenizer}); out {out}", flush=True)
+    say = print if main else _silent
+    say(f"moe-ablate: preset {preset.name}: D={preset.d_model} L={preset.n_layers} E={preset.num_experts} "
+        f"k={preset.top_k} F={preset.expert_hidden} seq={preset.seq_len} batch={preset.global_batch} "
+        f"steps={preset.steps}; data {corpus.source}: {train_N.numel()} train / {val_N.numel()} val tokens "
+        f"({data.tokenizer}); out {out}", flush=True)
 
     digest = library_digest()
     runs, t0 = [], time.perf_counter()
     for seed in preset.seeds:  # seed-major: an interrupted sweep still has every router for the first seeds
         for r in preset.routers:
             result = train_run(preset, r, seed, data, out / f"{r}" / f"seed{seed}", device=str(device),
-                               progress=not args.no_progress, digest=digest)
+                               progress=not args.no_progress, digest=digest, parallel=parallel)
             runs.append(result)
-            print(f"  {r:10s} seed {seed}: val loss {result['final_val_loss']:.4f}  "
-                  f"({result['tokens_per_s']:.0f} tok/s)", flush=True)
+            say(f"  {r:10s} seed {seed}: val loss {result['final_val_loss']:.4f}  "
+                f"({result['tokens_per_s']:.0f} tok/s)", flush=True)
     rows = aggregate(runs)
+    if not main:
+        return {"rows": rows, "runs": runs, "out": out}
     meta = {"preset": preset.fingerprint() | {"name": preset.name, "seeds": list(preset.seeds),
                                               "routers": list(preset.routers)},
             "data": corpus.source, "val_docs": corpus.val_names, "tokenizer": data.tokenizer,
@@ -167,12 +203,12 @@ def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: 
             "train_time_s_all_runs": sum(r["train_time_s"] for r in runs),
             "wall_s_this_invocation": time.perf_counter() - t0}
     csv_path, json_path = write_results(out, rows, runs, meta)
-    print("\n" + format_table(rows))
-    print(f"\nresults: {csv_path}, {json_path}")
+    say("\n" + format_table(rows))
+    say(f"\nresults: {csv_path}, {json_path}")
     if not args.no_plots:
         from .plots import make_plots
 
-        print("plots: " + ", ".join(str(p) for p in make_plots(runs, out)))
+        say("plots: " + ", ".join(str(p) for p in make_plots(runs, out)))
     return {"rows": rows, "runs": runs, "out": out}
 
 
@@ -185,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return sweep_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    joined_here = not torch.distributed.is_initialized()  # torchrun: `run` joins the process group
     try:
         outcome = run(args)
     except (ValueError, OSError, FolderInUseError) as e:  # OSError: FileNotFoundError, a full disk
@@ -194,6 +231,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("moe-ablate: interrupted; rerun the same command to resume from the last checkpoints",
               file=sys.stderr)
         return 130
+    finally:
+        if joined_here and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if "verify" in outcome and not outcome["verify"].identical:
         return 1
     return 0

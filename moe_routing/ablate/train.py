@@ -23,6 +23,7 @@ from .config import EVAL_BATCH, Preset
 from .data import Corpus, _mix, check_split_sizes, encode_docs, get_batch, make_tokenizer, val_batches
 from .lock import folder_lock
 from .model import count_params, ffn_flops_per_token
+from .parallel import Parallel
 from .registry import build_model
 
 CKPT_NAME, RESULT_NAME = "ckpt.safetensors", "result.json"
@@ -161,22 +162,27 @@ def _fresh_state() -> dict:
 
 
 def train_run(p: Preset, router: str, seed: int, data: Data, run_dir: Path, device: str = "cpu",
-              progress: bool = True, stop_at: Optional[int] = None, digest: Optional[str] = None) -> Optional[dict]:
+              progress: bool = True, stop_at: Optional[int] = None, digest: Optional[str] = None,
+              parallel: Optional[Parallel] = None) -> Optional[dict]:
     """Train ``router`` with ``seed`` under preset ``p``, resuming from ``run_dir/ckpt.safetensors`` if present.
 
     Returns the run's result dict (also written to ``run_dir/result.json``); a finished run is read back, not
     retrained. ``stop_at`` (for tests) checkpoints and returns None after that many steps, like an interrupt.
     ``digest``: the `library_digest` of the code this process imported (taken now if None).
+    ``parallel``: the process layout of a multi-process run (`parallel.init_parallel`; every rank calls this
+    with the same arguments): FSDP2 + expert parallelism, rank 0 locks the folder and writes every file.
     Raises ValueError when ``run_dir`` holds a run with a different configuration, and its subclass
     DamagedFileError for a corrupted, truncated or foreign checkpoint or result file.
     """
     run_dir = Path(run_dir)
-    with folder_lock(run_dir, "run folder"):  # a second process on this run fails here instead of racing
-        return _run_locked(p, router, seed, data, run_dir, device, progress, stop_at, digest or library_digest())
+    lock = folder_lock(run_dir, "run folder") if parallel is None or parallel.is_main else contextlib.nullcontext()
+    with lock:  # a second process on this run fails here instead of racing
+        return _run_locked(p, router, seed, data, run_dir, device, progress, stop_at, digest or library_digest(),
+                           parallel)
 
 
 def _run_locked(p: Preset, router: str, seed: int, data: Data, run_dir: Path, device: str, progress: bool,
-                stop_at: Optional[int], digest: str) -> Optional[dict]:
+                stop_at: Optional[int], digest: str, parallel: Optional[Parallel] = None) -> Optional[dict]:
     fingerprint = {**p.fingerprint(), "router": router, "seed": seed, "tokenizer": data.tokenizer,
                    "vocab_size": data.vocab_size, "data_digest": data.digest}
     result_path = run_dir / RESULT_NAME
@@ -191,6 +197,11 @@ def _run_locked(p: Preset, router: str, seed: int, data: Data, run_dir: Path, de
     if p.threads and torch.device(device).type == "cpu":
         torch.set_num_threads(p.threads)
     try:
+        if parallel is not None:
+            from .distributed_train import train_parallel
+
+            return train_parallel(p, router, seed, data, run_dir, torch.device(device), progress, stop_at,
+                                  fingerprint, digest, parallel)
         return _train(p, router, seed, data, run_dir, torch.device(device), progress, stop_at, fingerprint, digest)
     finally:
         torch.set_num_threads(threads)
