@@ -48,3 +48,13 @@ def build_cuda_request() -> Optional[bool]:
     if value not in ("0", "1"):
         raise ValueError(f"{BUILD_CUDA_ENV} must be 1, 0 or unset, got {value!r}")
     return value == "1"
+
+
+def launcher_world_size() -> int:
+    """``WORLD_SIZE`` set by torchrun (1 when the process was not started by a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launcher_local_rank() -> int:
+    """``LOCAL_RANK`` set by torchrun (0 when the process was not started by a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))

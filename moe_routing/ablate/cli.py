@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..settings import launcher_local_rank
 from .checkpoint import remove_stale_temporaries
 from .config import PRESETS, Preset, get_preset
 from .data import Corpus, check_tokenizer_spec, load_corpus
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.verify is not None:
             raise ValueError("--verify retrains in a single process: run it without torchrun")
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            device = torch.device("cuda", launcher_local_rank())
             torch.cuda.set_device(device)
         parallel = init_parallel(args.ep, device)
         if parallel.is_main:

@@ -19,7 +19,6 @@ resumed at any world size and ep.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from ..control import moe_layers
 from ..dispatch import AllToAllDispatcher
 from ..experts import GroupedExperts
+from ..settings import launcher_world_size
 
 TIMEOUT = timedelta(minutes=10)  # a rank stuck in a collective raises after this instead of hanging forever
 
@@ -73,7 +73,7 @@ class Parallel:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launcher_world_size() > 1
 
 
 def init_parallel(ep: int, device: torch.device) -> Parallel:
@@ -82,7 +82,7 @@ def init_parallel(ep: int, device: torch.device) -> Parallel:
     ValueError (before any collective) when ``ep`` does not divide the world size."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    world = dist.get_world_size() if dist.is_initialized() else launcher_world_size()
     if world % ep:
         raise ValueError(f"--ep {ep} must divide the number of processes ({world})")
     if not dist.is_initialized():
