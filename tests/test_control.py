@@ -116,6 +116,7 @@ def _controller_worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes (~20 s); the expert-parallel tests keep one multi-process case by default
 def test_one_stacked_all_reduce_for_all_routers_over_two_gloo_ranks():
     run_on_gloo_ranks(_controller_worker)
 

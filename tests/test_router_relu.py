@@ -97,6 +97,7 @@ def test_bad_arguments():
         mr.MoELayer(8, 4, 4, 1, losses=[mr.ReLUL1Loss()])(torch.randn(3, 8))
 
 
+@pytest.mark.slow  # trains the quick ablation model (~40 s)
 def test_controller_settles_sparsity_within_two_points_on_the_quick_ablation_model(tmp_path):
     """ReMoE acceptance: `moe-ablate --preset quick` (2-layer byte-level LM on Shakespeare, E=8, k=2, 500 steps,
     ~17 s on one CPU thread). Sparsity starts dense, the controller raises lambda until sparsity reaches the
