@@ -6,11 +6,6 @@ the full layer separately and sums the losses: outputs, input gradients and ever
 match, and the replicated router's gradients summed over ranks must match the reference's."""
 from __future__ import annotations
 
-import os
-import tempfile
-import time
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,36 +14,10 @@ from moe_routing import GlobalBatchAuxLoss, MoELayer, RoutingContext, step
 from moe_routing.dispatch import AllToAllDispatcher, reshard_expert_state_dicts
 from moe_routing.losses import switch_aux_loss
 
+from helpers import run_gloo_workers
+
 D, F, K = 8, 12, 2
 JOIN_TIMEOUT_S = 600  # generous: a slow shared CI machine; a real failure raises long before (gloo timeout 60 s)
-
-
-def run_ranks(worker, world: int, *args) -> None:
-    """``worker(rank, world, init_file, *args)`` on ``world`` gloo processes; a failure on any rank raises here with
-    its traceback, and processes still running after ``JOIN_TIMEOUT_S`` are killed (a hang fails, never blocks)."""
-    if not dist.is_available():
-        pytest.skip("torch.distributed unavailable")
-    import torch.multiprocessing as tmp
-
-    with tempfile.TemporaryDirectory() as d:
-        ctx = tmp.start_processes(_entry, args=(worker, world, os.path.join(d, "init"), args), nprocs=world,
-                                  join=False, start_method="spawn")
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"gloo workers still running after {JOIN_TIMEOUT_S} s (a hang)")
-
-
-def _entry(rank, worker, world, init_file, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        worker(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
 
 
 def _layers(E, seed=0, **kw):
@@ -129,13 +98,13 @@ def _default_worker(rank, world):
 
 
 def test_expert_parallel_on_two_ranks():
-    run_ranks(_default_worker, 2)
+    run_gloo_workers(_default_worker, 2, timeout_s=JOIN_TIMEOUT_S)
 
 
 @pytest.mark.slow  # ~1 min on 2 quiet cores: process start-up and 10 cases
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_matches_single_process_every_case(world):
-    run_ranks(_equivalence_worker, world)
+    run_gloo_workers(_equivalence_worker, world, timeout_s=JOIN_TIMEOUT_S)
 
 
 def _global_aux_and_controller_worker(rank, world):
