@@ -32,6 +32,7 @@ from .rerouting import OnlineRerouter, r2t2
 from .dispatch import expert_groups
 from .losses import CompeteDistillLoss, GroupBalanceLoss
 from .routers import BilevelRouter, CompeteRouter
+from .losses import NodeLocalityLoss  # LocMoE's locality loss, finite form
 
 from .smear import SMEARLayer  # SMEAR: one merged expert per example
 from . import convert  # dense to MoE: convert.upcycle, convert.carve, convert.pregate
@@ -48,4 +49,4 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss",
            "RoutingRecord", "record_routing", "replay_routing",
            "record_router_logits", "hf_load_balancing_loss", "analysis", "intervene", "promote_experts", "rerouting", "r2t2", "OnlineRerouter",
-           "CompeteRouter", "CompeteDistillLoss", "BilevelRouter", "GroupBalanceLoss", "expert_groups", "SMEARLayer", "convert"]
+           "CompeteRouter", "CompeteDistillLoss", "BilevelRouter", "GroupBalanceLoss", "NodeLocalityLoss", "expert_groups", "SMEARLayer", "convert"]
