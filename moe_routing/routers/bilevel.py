@@ -30,7 +30,13 @@ class BilevelRouter(GatedRouter):
 
     SMILE's paper gives the two routers and the additive loss in words and publishes no code: the product of
     the two softmaxes as the gate is our reading (at k = 1 with one group it is the product of their two Switch
-    gates).
+    gates). SMILE routes a token to a node, then on that node to a GPU, and is described as having fewer router
+    parameters than a flat router, which points to one intra-node router shared by all nodes (E / G outputs); here
+    each group has its own within-group rows of ``weight`` [E, D] (sharing them is the special case of tied blocks).
+
+    LocMoE itself routes top-1 over all experts (its Eqs. 2-3) and gets locality from a loss, not from a group-first
+    choice: that setup is a top-1 `TopKRouter` with `SwitchAuxLoss` and `NodeLocalityLoss`; the locality loss also
+    works with this router (`NodeLocalityLoss.from_router`).
 
     Args:
         hidden_size: D.  num_experts: E.  top_k: K in [1, groups_per_token * E / G] (1).
