@@ -74,8 +74,10 @@ class NodeLocalityLoss(Loss):
     a `BilevelRouter`'s groups and home group.
 
     The paper pairs it with the switch aux loss (its Eq. 7: task loss = aux + locality + cross-entropy): with one
-    home node for all tokens it works against `GroupBalanceLoss` on that rank, by design. ``coeff`` (the paper's
-    ``mu``) has no published value; 1e-2 matches the aux loss's.
+    home node for all tokens it works against `GroupBalanceLoss` on that rank, by design. The router's weights are
+    shared by every rank, so the loss keeps tokens home only where what a node holds differs from the other nodes'
+    data (the paper's same-domain tokens); on identically distributed shards the ranks' pulls cancel. ``coeff``
+    (the paper's ``mu``) has no published value; 1e-2 matches the aux loss's.
 
     Stats (detached): ``node_locality`` (without the coefficient), ``local_mass`` (mean ``m_t``),
     ``cross_node_frac`` (routed pairs whose expert is off the token's node) and ``tokens_leaving_node`` (tokens
