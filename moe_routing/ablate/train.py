@@ -269,7 +269,9 @@ def train_loop(p: Preset, router: str, seed: int, data: Data, dev: torch.device,
     end = p.steps if stop_at is None else min(stop_at, p.steps)
     divisor = role.accum * role.world  # micro-batches per step, over all processes
     model.train()
-    attach(model, optimizer)  # ReLU lambda controller and bias balancing after every optimizer step
+    # ReLU lambda controller and bias balancing after every optimizer step (statistics all-reduced over the
+    # ranks of a multi-process run)
+    attach(model, optimizer)
 
     from tqdm.auto import tqdm
 
