@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -228,16 +228,55 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
         restore_checkpoint(saved, model, optimizer)
         state = dict(saved.run_state)
         start = state.pop("step")
+    role = ProcessRole(
+        # the module's `get_batch` is looked up at every step (tests replace it to record or interrupt steps)
+        batch=lambda step: get_batch(data.train_N, p.global_batch, p.seq_len, seed, step),
+        micro=p.micro_batch, accum=p.grad_accum, world=1,
+        clip_grads=lambda model, max_norm: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm),
+        sum_over_processes=lambda sums: sums,
+        save=functools.partial(save_checkpoint, ckpt_path),
+        write_result=functools.partial(atomic_write_checked_json, result_path),
+        shows_progress=progress, result_extra={})
+    return train_loop(p, router, seed, data, dev, model, optimizer, state, start, stop_at, fingerprint, digest,
+                      count_params(model, p.top_k), role)
+
+
+@dataclass(frozen=True)
+class ProcessRole:
+    """What differs between a single-process run (`_train`) and one rank of a multi-process run
+    (`distributed_train.train_parallel`); the rest of a training step is `train_loop`'s, shared by both."""
+
+    batch: Callable[[int], tuple[Tensor, Tensor]]  # step -> this process's rows (x, y) of the global batch, [B, S]
+    micro: int  # rows per micro-batch
+    accum: int  # micro-batches per step on this process: each micro-batch's loss is divided by it
+    world: int  # processes: a step's logged losses are sums over ``accum * world`` micro-batches
+    clip_grads: Callable[[nn.Module, float], object]  # (model, max_norm): reduce gradients over processes, clip
+    sum_over_processes: Callable[[Tensor], Tensor]  # the step's device-side sums, summed over all processes
+    save: Callable[[nn.Module, torch.optim.Optimizer, int, dict], None]  # checkpoint (model, optim, step, state)
+    write_result: Callable[[dict], None]  # the result file (a multi-process run: rank 0 writes, all wait)
+    shows_progress: bool  # this process draws the progress bar
+    result_extra: dict  # the process layout, recorded in the result
+
+
+def train_loop(p: Preset, router: str, seed: int, data: Data, dev: torch.device, model: nn.Module,
+               optimizer: torch.optim.Optimizer, state: dict, start: int, stop_at: Optional[int], fingerprint: dict,
+               digest: str, params: tuple[int, int], role: ProcessRole) -> Optional[dict]:
+    """Steps ``start`` to the end (or ``stop_at``) of a built, possibly resumed, run: micro-batches, logging,
+    evaluation and checkpoints; then the final evaluation and the result (None if stopped early).
+    ``params``: (active, total) parameter counts of the full model."""
     state["fingerprint"], state["library_digest"] = fingerprint, digest
-    active, total = count_params(model, p.top_k)
+    active, total = params
     end = p.steps if stop_at is None else min(stop_at, p.steps)
+    divisor = role.accum * role.world  # micro-batches per step, over all processes
     model.train()
-    attach(model, optimizer)  # ReLU lambda controller and bias balancing after every optimizer step
+    # ReLU lambda controller and bias balancing after every optimizer step (statistics all-reduced over the
+    # ranks of a multi-process run)
+    attach(model, optimizer)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=p.steps, initial=start, desc=f"{router} seed {seed}", disable=not progress, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(total=p.steps, initial=start, desc=f"{router} seed {seed}", disable=not role.shows_progress,
+               leave=False, dynamic_ncols=True)
     # per-step sums stay on the device and are read in one transfer when logged or checkpointed
     pending: list[Tensor] = []
 
@@ -245,7 +284,7 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
         rows = torch.stack(pending).tolist() if pending else []
         pending.clear()
         for loss_sum, _, ept_mean_sum, ept_layer_sum, _ in rows:
-            state["train_losses"].append(loss_sum / p.grad_accum)
+            state["train_losses"].append(loss_sum / divisor)
             state["ept_sum"] += ept_mean_sum
             state["flops_sum"] += ffn_flops_per_token(p.d_model, p.expert_hidden, ept_layer_sum)
         return rows
@@ -256,30 +295,31 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
             group["lr"] = p.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, aux, experts/token mean and layer sum
-        x_all, y_all = get_batch(data.train_N, p.global_batch, p.seq_len, seed, step)
-        for micro in range(p.grad_accum):
-            rows = slice(micro * p.micro_batch, (micro + 1) * p.micro_batch)
-            x, y = x_all[rows].to(dev), y_all[rows].to(dev)
+        x_rank, y_rank = role.batch(step)
+        for micro in range(role.accum):
+            rows = slice(micro * role.micro, (micro + 1) * role.micro)
+            x, y = x_rank[rows].to(dev), y_rank[rows].to(dev)
             with _autocast(p, dev), routing_context(model):
                 logits = model(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            (loss / p.grad_accum).backward()
+            (loss / role.accum).backward()
             ept_mean, ept_layers = _micro_batch_stats(model, p, dev)
             sums = sums + torch.stack([loss.detach().to(torch.float64), total_aux_loss(model).to(dev, torch.float64),
                                        ept_mean, ept_layers])
-            state["micro_steps"] += 1
-        torch.nn.utils.clip_grad_norm_(model.parameters(), p.clip)
+        state["micro_steps"] += divisor
+        role.clip_grads(model, p.clip)
         optimizer.step()  # the attached hook runs the routers' controllers
-        pending.append(torch.cat([sums, ept_mean.reshape(1)]))  # + the last micro-batch's experts/token
+        pending.append(torch.cat([role.sum_over_processes(sums), ept_mean.reshape(1)]))  # + last experts/token
         state["train_time_s"] += time.perf_counter() - t0
         state["tokens"] += p.global_batch * p.seq_len
         done = step + 1
         if done % p.log_interval == 0 or done == p.steps:
             _, aux_sum, _, _, last_ept = flush()[-1]
             train_loss = state["train_losses"][-1]
-            row = {"step": done, "loss": train_loss, "aux": aux_sum / p.grad_accum, "lr": p.lr_at(step),
+            row = {"step": done, "loss": train_loss, "aux": aux_sum / divisor, "lr": p.lr_at(step),
                    "experts_per_token": last_ept}
-            for losses in aux_losses(model).values():  # per loss, summed over layers (last micro-batch)
+            # per loss, summed over layers: this process's last micro-batch
+            for losses in aux_losses(model).values():
                 for name, value in losses.items():
                     row[f"aux/{name}"] = row.get(f"aux/{name}", 0.0) + float(value)
             relu = _relu_state(model)
@@ -290,11 +330,11 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
         if done % p.eval_interval == 0 or done == p.steps:
             state["val_curve"].append([done, evaluate(model, data, p, dev)["val_loss"]])
             flush()  # the evaluation synced anyway: the compute spent so far is up to date
-            state.setdefault("val_compute_curve", []).append(state["flops_sum"] * p.micro_batch * p.seq_len)
+            state.setdefault("val_compute_curve", []).append(state["flops_sum"] * role.micro * p.seq_len)
         bar.update(1)
         if done % p.ckpt_interval == 0 or done == end:
             flush()
-            save_checkpoint(ckpt_path, model, optimizer, done, state)
+            role.save(model, optimizer, done, state)
     bar.close()
     if end < p.steps:
         return None
@@ -310,11 +350,11 @@ def _train(p: Preset, router: str, seed: int, data: Data, run_dir: Path, dev: to
               "train_time_s": state["train_time_s"], "active_params": active, "total_params": total,
               # not part of the fingerprint (a resume may use other threads), but CPU sums round differently
               # with another thread count: `--verify` reruns with this one
-              "torch_threads": torch.get_num_threads(),
+              "torch_threads": torch.get_num_threads(), **role.result_extra,
               "experts_per_token_train_avg": state["ept_sum"] / n,
               "expert_flops_per_token_train_avg": state["flops_sum"] / n,
               **{f"final_{k}": v for k, v in final.items() if k != "val_loss"}}
-    atomic_write_checked_json(result_path, result)
+    role.write_result(result)
     return result
 
 
