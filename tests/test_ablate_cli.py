@@ -116,6 +116,8 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, monkeypatch, argv, me
     (["--ckpt-interval", "0"], "argument --ckpt-interval: expected an integer >= 1"),
     (["--eval-interval", "-1"], "argument --eval-interval: expected an integer >= 1"),
     (["--threads", "-1"], "argument --threads: expected an integer >= 0, got '-1'"),
+    (["--jobs", "0"], "argument --jobs: expected an integer >= 1, got '0'"),
+    (["--jobs", "True"], "argument --jobs: expected an integer >= 1, got 'True'"),
     (["--seeds", ""], "argument --seeds: expected comma-separated integers >= 0"),
     (["--seeds", ","], "argument --seeds: expected comma-separated integers >= 0"),
     (["--seeds", "true"], "argument --seeds: expected comma-separated integers"),
@@ -189,3 +191,21 @@ def test_verify_reruns_a_finished_run_bitwise_and_names_the_first_divergent_step
     assert "DIFFERS" in text and "first training loss that differs: step 4" in text and "final_val_loss" in text
     assert cli.main(["--verify", str(tmp_path / "nothing")]) == 2
     assert "result.json not found" in capsys.readouterr().err
+
+
+_TIMING_KEYS = ("tokens_per_s", "train_time_s", "train_cpu_s", "content_sha256")
+
+
+@pytest.mark.slow  # spawns two worker processes that import torch (~10-20 s)
+def test_jobs_train_runs_in_worker_processes_with_the_same_results(tmp_path, capsys):
+    argv = ["--preset", "smoke", "--steps", "20", "--routers", "topk,relu", "--seeds", "0,1", "--no-progress",
+            "--no-plots"]
+    assert cli.main(argv + ["--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
+    assert cli.main(argv + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    assert "4 runs, 2 at a time" in capsys.readouterr().out
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert [(r["router"], r["seed"]) for r in two["runs"]] == [("topk", 0), ("relu", 0), ("topk", 1), ("relu", 1)]
+    strip = lambda r: {k: v for k, v in r.items() if k not in _TIMING_KEYS}  # noqa: E731
+    for a, b in zip(one["runs"] + one["routers"], two["runs"] + two["routers"]):
+        assert strip(a) == strip(b)  # bitwise: a run's numbers do not depend on where it trained
+    assert two["meta"]["jobs"] == 2

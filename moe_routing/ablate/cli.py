@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-interval", type=_count(1), help="evaluate every N steps (also at the end)")
     ap.add_argument("--threads", type=_count(0),
                     help="CPU threads for torch (0 = torch's default; default: the preset's)")
+    ap.add_argument("--jobs", type=_count(1),
+                    help="runs trained at once in worker processes on this machine (default: the preset's; "
+                         "results are the same for any value)")
     ap.add_argument("--allow-small-data", action="store_true",
                     help="run a preset that needs a real corpus (remoe-182m) on the small default corpus anyway")
     ap.add_argument("--describe", action="store_true",
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     preset = get_preset(args.preset, steps=args.steps, seeds=args.seeds, routers=routers,
                         micro_batch=args.micro_batch, num_experts=args.experts, top_k=args.top_k,
                         ckpt_interval=args.ckpt_interval, eval_interval=args.eval_interval,
-                        tokenizer=args.tokenizer, threads=args.threads)
+                        tokenizer=args.tokenizer, threads=args.threads, jobs=args.jobs)
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -133,6 +136,9 @@ def run(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             device = torch.device("cuda", launcher_local_rank())
             torch.cuda.set_device(device)
+        if args.jobs is not None and args.jobs > 1:
+            raise ValueError("--jobs trains several runs side by side in one machine's processes; under torchrun "
+                             "each run already uses every process: leave --jobs out")
         parallel = init_parallel(args.ep, device)
         if parallel.is_main:
             print(f"moe-ablate: {parallel.world} processes: data parallel {parallel.dp} x expert parallel "
@@ -184,13 +190,23 @@ def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: 
 
     digest = library_digest()
     runs, t0 = [], time.perf_counter()
-    for seed in preset.seeds:  # seed-major: an interrupted sweep still has every router for the first seeds
-        for r in preset.routers:
-            result = train_run(preset, r, seed, data, out / f"{r}" / f"seed{seed}", device=str(device),
-                               progress=not args.no_progress, digest=digest, parallel=parallel)
-            runs.append(result)
-            say(f"  {r:10s} seed {seed}: val loss {result['final_val_loss']:.4f}  "
-                f"({result['tokens_per_s']:.0f} tok/s)", flush=True)
+    # seed-major: an interrupted sweep still has every router for the first seeds
+    pairs = [(r, seed) for seed in preset.seeds for r in preset.routers]
+
+    def report(result: dict) -> None:
+        say(f"  {result['router']:10s} seed {result['seed']}: val loss {result['final_val_loss']:.4f}  "
+            f"({result['tokens_per_s']:.0f} tok/s)", flush=True)
+
+    if parallel is None and preset.jobs > 1 and len(pairs) > 1:
+        from .jobs import train_runs_in_workers
+
+        say(f"moe-ablate: {len(pairs)} runs, {min(preset.jobs, len(pairs))} at a time", flush=True)
+        runs = train_runs_in_workers(preset, pairs, data, out, str(device), digest, preset.jobs, report)
+    else:
+        for r, seed in pairs:
+            runs.append(train_run(preset, r, seed, data, out / f"{r}" / f"seed{seed}", device=str(device),
+                                  progress=not args.no_progress, digest=digest, parallel=parallel))
+            report(runs[-1])
     rows = aggregate(runs)
     if not main:
         return {"rows": rows, "runs": runs, "out": out}
@@ -202,6 +218,7 @@ def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: 
                        f"{preset.threads or torch.get_num_threads()} torch threads",
             "torch": torch.__version__, "library_digest": digest,
             "train_time_s_all_runs": sum(r["train_time_s"] for r in runs),
+            "jobs": preset.jobs if parallel is None else 1,
             "wall_s_this_invocation": time.perf_counter() - t0}
     csv_path, json_path = write_results(out, rows, runs, meta)
     say("\n" + format_table(rows))

@@ -290,7 +290,7 @@ def train_loop(p: Preset, router: str, seed: int, data: Data, dev: torch.device,
         return rows
 
     for step in range(start, end):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for group in optimizer.param_groups:
             group["lr"] = p.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
@@ -311,6 +311,8 @@ def train_loop(p: Preset, router: str, seed: int, data: Data, dev: torch.device,
         optimizer.step()  # the attached hook runs the routers' controllers
         pending.append(torch.cat([role.sum_over_processes(sums), ept_mean.reshape(1)]))  # + last experts/token
         state["train_time_s"] += time.perf_counter() - t0
+        # process CPU time: with one torch thread, the run's own work, little changed by other jobs on the machine
+        state["train_cpu_s"] = state.get("train_cpu_s", 0.0) + time.process_time() - c0
         state["tokens"] += p.global_batch * p.seq_len
         done = step + 1
         if done % p.log_interval == 0 or done == p.steps:
@@ -347,7 +349,8 @@ def train_loop(p: Preset, router: str, seed: int, data: Data, dev: torch.device,
               "val_compute_curve": state.get("val_compute_curve", []),
               "train_losses": state["train_losses"], "history": state["history"],
               "tokens_per_s": state["tokens"] / max(state["train_time_s"], 1e-9),
-              "train_time_s": state["train_time_s"], "active_params": active, "total_params": total,
+              "train_time_s": state["train_time_s"], "train_cpu_s": state.get("train_cpu_s", 0.0),
+              "active_params": active, "total_params": total,
               # not part of the fingerprint (a resume may use other threads), but CPU sums round differently
               # with another thread count: `--verify` reruns with this one
               "torch_threads": torch.get_num_threads(), **role.result_extra,

@@ -127,7 +127,8 @@ def verify_run(run_dir: Path, data: Optional[str] = None, tokenizer: Optional[st
                   if not _same(a, b)), None)
     if first is None and len(recorded["train_losses"]) != len(rerun["train_losses"]):
         first = min(len(recorded["train_losses"]), len(rerun["train_losses"])) + 1
-    skip = {"fingerprint", "library_digest", "tokens_per_s", "train_time_s", "history", "torch_threads"}
+    skip = {"fingerprint", "library_digest", "tokens_per_s", "train_time_s", "train_cpu_s", "history",
+            "torch_threads"}
     compared = {k: (recorded.get(k), rerun.get(k)) for k in sorted(set(recorded) | set(rerun))
                 if k not in skip and k != "train_losses" and not _same(recorded.get(k), rerun.get(k))}
     return VerifyReport(run_dir, first is None and not compared, first, compared, recorded["library_digest"], digest)
