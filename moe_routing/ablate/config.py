@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+# settings that name a run or only change how fast it goes, never its numbers: left out of the fingerprint
+NOT_IN_FINGERPRINT = ("name", "routers", "seeds", "log_interval", "ckpt_interval", "threads", "jobs")
 DEFAULT_ROUTERS = ("dense", "topk", "relu", "rmoe", "topk+erc", "topk+dpsl")
 # sequences per validation batch: fixed, so --micro-batch (a memory knob) never changes what is evaluated
 EVAL_BATCH = 16
@@ -151,7 +153,7 @@ class Preset:
     def fingerprint(self) -> dict:
         """Everything that changes a run's numbers (routers and seeds excluded: they name the run)."""
         d = dataclasses.asdict(self)
-        for k in ("name", "routers", "seeds", "log_interval", "ckpt_interval", "threads", "jobs"):
+        for k in NOT_IN_FINGERPRINT:
             d.pop(k)
         d["betas"] = list(d["betas"])
         return d

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import read_checked_json
-from .config import Preset
+from .config import NOT_IN_FINGERPRINT, Preset
 from .data import load_corpus
 from .train import RESULT_KEYS, RESULT_NAME, RESULT_REMEDY, library_digest, load_data, train_run
 
@@ -52,8 +52,7 @@ def preset_from_fingerprint(fingerprint: dict, name: str) -> tuple[Preset, str, 
     """(preset, router, seed) a run was trained with, from the fingerprint in its result."""
     fields = {f.name for f in dataclasses.fields(Preset)}
     settings = {k: v for k, v in fingerprint.items() if k in fields and k not in ("tokenizer",)}
-    missing = sorted(fields - set(settings) - {"name", "routers", "seeds", "log_interval", "ckpt_interval",
-                                               "threads", "tokenizer"})
+    missing = sorted(fields - set(settings) - set(NOT_IN_FINGERPRINT) - {"tokenizer"})
     if missing or not all(k in fingerprint for k in _RUN_KEYS):
         raise ValueError(f"the run's fingerprint lacks {missing or [k for k in _RUN_KEYS if k not in fingerprint]}: "
                          "it was written by another version of moe-ablate")
