@@ -12,7 +12,7 @@ small next to a run's minutes).
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -36,7 +36,7 @@ def train_runs_in_workers(preset: Preset, pairs: Sequence[tuple[str, int]], data
                    for r, s in pairs}
         pending, results = set(futures), {}
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 if fut.exception() is not None:
                     for other in pending:
