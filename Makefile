@@ -25,15 +25,17 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory test-megatron-latest
 
 # The Megatron tests again under the newest megatron-core (>= 0.17 needs Python >= 3.12; the main venv may be older),
-# in their own venv: CUDA torch from PyPI (runs on CPU; ~4 GB with its nvidia-* wheels), megatron-core 0.19.x.
-# Skipped, successfully, when no Python 3.12 is found.
+# in their own venv: torch 2.14.1 from PyPI (a CUDA build, run on the CPU: the venv takes 5.5 GB with its nvidia-*
+# wheels; ~6 min from scratch here, most of it the install), megatron-core 0.19.x. Skipped, successfully, when no
+# Python 3.12 is found.
 MCORE_VENV := .venv-mcore
+PY312_CANDIDATES ?= python3.12 /root/.pyenv/versions/3.12*/bin/python
 MCORE_STAMP := $(MCORE_VENV)/.installed
 MCORE_TESTS := tests/test_integrations_megatron.py tests/test_replay_megatron.py tests/test_losses_balance.py \
 	tests/test_router_topk.py tests/test_router_sinkhorn.py
 
 test-megatron-latest:
-	@py=$$(for p in python3.12 /root/.pyenv/versions/3.12*/bin/python; do \
+	@py=$$(for p in $(PY312_CANDIDATES); do \
 		$$p -c 'import sys; assert sys.version_info[:2] == (3, 12); print(sys.executable)' 2>/dev/null && break; \
 	done); \
 	if [ -z "$$py" ]; then \

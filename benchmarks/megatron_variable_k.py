@@ -33,10 +33,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     with cpu_device(), cpu_streams(), cpu_process_group():
-        from megatron.core.transformer.spec_utils import build_module
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        from moe_routing.integrations.megatron import moe_layer_spec
+        from moe_routing.integrations.megatron import build_moe_layer, moe_layer_spec
         E, D, K = args.experts, args.hidden, args.top_k
         S, B = args.tokens // 4, 4
         x = torch.randn(S, B, D)
@@ -57,8 +56,7 @@ def main() -> None:
                                     activation_func=F.silu, add_bias_linear=False, params_dtype=torch.float32,
                                     moe_aux_loss_coeff=0.0, **extra)
             torch.manual_seed(0)
-            layer = build_module(moe_layer_spec(router, num_experts=E, top_k=K), config=cfg, layer_number=1)
-            layer.set_layer_number(1)
+            layer = build_moe_layer(moe_layer_spec(router, num_experts=E, top_k=K), cfg)
             inner = layer.router.router
             with torch.no_grad():
                 rest = x[..., 1:].reshape(-1, D - 1) @ inner.weight[:, 1:].t()

@@ -24,11 +24,10 @@ def main(rank: int, path: str, dispatcher: str, router: str) -> None:
 
 
 def check(rank: int, dispatcher: str, router: str) -> None:
-    from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     import moe_routing as mr
-    from moe_routing.integrations.megatron import moe_layer_spec
+    from moe_routing.integrations.megatron import build_moe_layer, moe_layer_spec
 
     E, D, FF, K = 4, 16, 24, 2
     variable_k = router == "relu"
@@ -40,8 +39,7 @@ def check(rank: int, dispatcher: str, router: str) -> None:
                             expert_model_parallel_size=2, **extra)
     router_kwargs = {"l1_coeff": 0.1} if variable_k else {}
     losses = None if variable_k else [mr.SwitchAuxLoss(0.1)]
-    layer = build_module(moe_layer_spec(router, num_experts=E, losses=losses, **router_kwargs), config=cfg,
-                         layer_number=1)
+    layer = build_moe_layer(moe_layer_spec(router, num_experts=E, losses=losses, **router_kwargs), cfg)
     torch.manual_seed(0)  # the same full layer on both ranks
     ours = mr.MoELayer(D, FF, E, K, router=router, backend="torch", router_kwargs=router_kwargs, losses=losses)
     with torch.no_grad():

@@ -65,6 +65,7 @@ try:
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 except ImportError:
     get_moe_metrics_tracker = None
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
 
 class _SharedContext:
@@ -215,8 +216,6 @@ def logged_losses() -> dict[str, Tensor]:
     ``[num_layers]`` (the live tensors: zeroing one resets that entry)."""
     if get_moe_metrics_tracker is not None:
         return {name: entry.values for name, entry in get_moe_metrics_tracker().metrics.items()}
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
     return {name: entry["values"] for name, entry in get_moe_layer_wise_logging_tracker().items()}
 
 
@@ -225,8 +224,6 @@ def clear_logged_losses() -> None:
     if get_moe_metrics_tracker is not None:
         get_moe_metrics_tracker().clear()
     else:
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
         get_moe_layer_wise_logging_tracker().clear()
 
 
