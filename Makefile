@@ -31,8 +31,8 @@ test: $(STAMP)
 MCORE_VENV := .venv-mcore
 PY312_CANDIDATES ?= python3.12 /root/.pyenv/versions/3.12*/bin/python
 MCORE_STAMP := $(MCORE_VENV)/.installed
-MCORE_TESTS := tests/test_integrations_megatron.py tests/test_replay_megatron.py tests/test_losses_balance.py \
-	tests/test_router_topk.py tests/test_router_sinkhorn.py
+MCORE_TESTS := tests/test_integrations_megatron.py tests/test_integrations_megatron_cpu.py tests/test_replay_megatron.py \
+	tests/test_losses_balance.py tests/test_router_topk.py tests/test_router_sinkhorn.py
 
 test-megatron-latest:
 	@py=$$(for p in $(PY312_CANDIDATES); do \
