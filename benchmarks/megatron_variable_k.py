@@ -9,34 +9,18 @@ router with the same k:
 - allgather: the dispatcher sizes everything from routing_map (variable-k native);
 - alltoall + capacity factor E: the dispatcher counts routing_map.sum() (one device-to-host sync on GPU);
 - topk = E: every (token, expert) pair dispatched, weight 0 off the routed ones (E / k times the expert work).
-The all-to-all dispatcher's CUDA side stream is replaced by no-ops, as in the tests.
+mcore runs on the CPU through moe_routing.integrations.megatron_cpu (as in the tests).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-import tempfile
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def _cpu_only_patches() -> None:
-    class Stream:
-        def __init__(self, *a, **k): ...
-        def wait_stream(self, s): ...
-        def record_event(self):
-            return type("Event", (), {"synchronize": lambda self: None})()
-
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.Stream, torch.cuda.current_stream = Stream, lambda *a, **k: Stream()
-    torch.cuda.stream = lambda s: contextlib.nullcontext()
-    import megatron.core.transformer.moe.token_dispatcher as td
-    td.maybe_move_tensor_to_cpu = lambda t, as_numpy=False, record_stream=False: (
-        t.numpy() if as_numpy and torch.is_tensor(t) else t)
+from moe_routing.integrations.megatron_cpu import cpu_device, cpu_process_group, cpu_streams
 
 
 def main() -> None:
@@ -48,15 +32,10 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    _cpu_only_patches()
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
-        from megatron.core import parallel_state as ps
-        from megatron.core.transformer.spec_utils import build_module
+    with cpu_device(), cpu_streams(), cpu_process_group():
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        from moe_routing.integrations.megatron import moe_layer_spec
-        ps.initialize_model_parallel(1, 1)
+        from moe_routing.integrations.megatron import build_moe_layer, moe_layer_spec
         E, D, K = args.experts, args.hidden, args.top_k
         S, B = args.tokens // 4, 4
         x = torch.randn(S, B, D)
@@ -77,8 +56,7 @@ def main() -> None:
                                     activation_func=F.silu, add_bias_linear=False, params_dtype=torch.float32,
                                     moe_aux_loss_coeff=0.0, **extra)
             torch.manual_seed(0)
-            layer = build_module(moe_layer_spec(router, num_experts=E, top_k=K), config=cfg, layer_number=1)
-            layer.set_layer_number(1)
+            layer = build_moe_layer(moe_layer_spec(router, num_experts=E, top_k=K), cfg)
             inner = layer.router.router
             with torch.no_grad():
                 rest = x[..., 1:].reshape(-1, D - 1) @ inner.weight[:, 1:].t()
@@ -100,8 +78,6 @@ def main() -> None:
             per_token = f"{pairs * E:.2f} experts/token" if router == "relu" else f"{K} experts/token"
             print(f"{label:38s} {1e3 * min(times[1:]):7.1f} / {1e3 * statistics.median(times[1:]):7.1f} ms"
                   f"  {rows:6d} expert rows  ({per_token})")
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

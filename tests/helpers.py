@@ -100,31 +100,23 @@ def run_on_gloo_ranks(worker, world=2):
 
 @contextlib.contextmanager
 def megatron_cpu():
-    """megatron-core's MoE code on the CPU: a gloo process group of world size 1 (``file://`` rendezvous) with
-    Megatron's parallel state, ``torch.cuda.current_device`` pointed at the CPU (Megatron allocates its router
-    buffers there) and Transformer Engine's GEMM absent (its router GEMM then falls back to ``torch.mm``).
-    Yields the `ProcessGroupCollection`; tears everything down on exit. Skips when megatron-core is absent.
-    """
+    """megatron-core's MoE code on the CPU (moe_routing.integrations.megatron_cpu: ``cpu_device`` in a gloo world
+    of size 1 with Megatron's parallel state), its aux-loss tracker emptied before and after. Yields the
+    `ProcessGroupCollection`. Skips when megatron-core is absent or a process group already exists."""
     pytest.importorskip("megatron.core", reason="megatron-core not installed (extra 'megatron')")
     import torch.distributed as dist
-    import megatron.core.transformer.moe.moe_utils as mc_utils
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from moe_routing.integrations import megatron as mg
+    from moe_routing.integrations.megatron_cpu import cpu_device, cpu_process_group
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as d:
-        mp.setattr(torch.cuda, "current_device", lambda: "cpu")
-        mp.setattr(mc_utils, "te_general_gemm", None, raising=False)
-        mc_utils.get_moe_layer_wise_logging_tracker().clear()
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'init')}", rank=0, world_size=1)
-        try:
-            parallel_state.initialize_model_parallel()
-            yield ProcessGroupCollection.use_mpu_process_groups()
-        finally:
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
-            mc_utils.get_moe_layer_wise_logging_tracker().clear()
+    mg.clear_logged_losses()
+    try:
+        with cpu_device(), cpu_process_group() as pg:
+            yield pg
+    finally:
+        mg.clear_logged_losses()
 
 
 def megatron_router(pg, weight_ED: torch.Tensor, top_k: int, **config):
@@ -150,11 +142,11 @@ def megatron_router(pg, weight_ED: torch.Tensor, top_k: int, **config):
 
 def megatron_aux_value(name: str) -> float:
     """The loss (without coefficient) Megatron's tracker logged under ``name`` since the last read; clears it."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from moe_routing.integrations.megatron import logged_losses
 
-    tracker = get_moe_layer_wise_logging_tracker()
-    value = float(tracker[name]["values"][0])
-    tracker[name]["values"].zero_()
+    values = logged_losses()[name]
+    value = float(values[0])
+    values.zero_()
     return value
 
 

@@ -4,45 +4,31 @@
 
 Builds mcore's MoELayer with our router at expert_model_parallel_size=2 over gloo (each rank holds experts
 2r, 2r+1), and checks its output and gradients on this rank's tokens against our MoELayer holding all experts.
-The CPU patches are those of the test module (see its docstring). Prints "ok RANK" on success.
+mcore runs on the CPU through moe_routing.integrations.megatron_cpu. Prints "ok RANK" on success.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def _cpu_only_patches() -> None:
-    class Stream:
-        def __init__(self, *a, **k): ...
-        def wait_stream(self, s): ...
-        def record_event(self):
-            return type("Event", (), {"synchronize": lambda self: None})()
-
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.Stream, torch.cuda.current_stream = Stream, lambda *a, **k: Stream()
-    torch.cuda.stream = lambda s: contextlib.nullcontext()
-    import megatron.core.transformer.moe.token_dispatcher as td
-    td.maybe_move_tensor_to_cpu = lambda t, as_numpy=False, record_stream=False: (
-        t.numpy() if as_numpy and torch.is_tensor(t) else t)
-
-
 def main(rank: int, path: str, dispatcher: str, router: str) -> None:
-    _cpu_only_patches()
-    dist.init_process_group("gloo", init_method="file://" + path, rank=rank, world_size=2)
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.spec_utils import build_module
+    from moe_routing.integrations.megatron_cpu import cpu_device, cpu_process_group, cpu_streams
+
+    with cpu_device(), cpu_streams(), cpu_process_group(rank, 2, path, expert_model_parallel_size=2):
+        check(rank, dispatcher, router)
+    print("ok", rank)
+
+
+def check(rank: int, dispatcher: str, router: str) -> None:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     import moe_routing as mr
-    from moe_routing.integrations.megatron import moe_layer_spec
+    from moe_routing.integrations.megatron import build_moe_layer, moe_layer_spec
 
-    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
     E, D, FF, K = 4, 16, 24, 2
     variable_k = router == "relu"
     extra = {"moe_expert_capacity_factor": float(E), "moe_router_load_balancing_type": "none"} if variable_k else {}
@@ -53,8 +39,7 @@ def main(rank: int, path: str, dispatcher: str, router: str) -> None:
                             expert_model_parallel_size=2, **extra)
     router_kwargs = {"l1_coeff": 0.1} if variable_k else {}
     losses = None if variable_k else [mr.SwitchAuxLoss(0.1)]
-    layer = build_module(moe_layer_spec(router, num_experts=E, losses=losses, **router_kwargs), config=cfg,
-                         layer_number=1)
+    layer = build_moe_layer(moe_layer_spec(router, num_experts=E, losses=losses, **router_kwargs), cfg)
     torch.manual_seed(0)  # the same full layer on both ranks
     ours = mr.MoELayer(D, FF, E, K, router=router, backend="torch", router_kwargs=router_kwargs, losses=losses)
     with torch.no_grad():
@@ -85,8 +70,6 @@ def main(rank: int, path: str, dispatcher: str, router: str) -> None:
             close(layer.router.router.weight.grad, ours.router.weight.grad, "router gradient")
     for i, mlp in enumerate(layer.experts.local_experts):
         close(mlp.linear_fc2.weight.grad.t(), down[2 * rank + i], f"expert {2 * rank + i} fc2 gradient")
-    dist.destroy_process_group()
-    print("ok", rank)
 
 
 if __name__ == "__main__":

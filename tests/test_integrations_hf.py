@@ -312,6 +312,36 @@ def test_swapped_state_dict_round_trip():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_swapped_variable_k_model_save_pretrained_round_trip(family, tmp_path):
+    """save_pretrained after a ReLU swap writes HF's own checkpoint layout (the block's state dict is HF's: packed
+    expert tensors, the router weight as the gate weight); from_pretrained + swap_routers reproduces the logits."""
+    model = tiny_model(family)
+    stock_keys = set(model.state_dict())
+    names = hf.swap_routers(model, "relu")
+    for name in names:
+        with torch.no_grad():
+            model.get_submodule(name).moe.router.l1_coeff.fill_(0.25)  # controller state: not in HF's block
+    state = model.state_dict()
+    assert stock_keys - set(state) <= {f"{n}.gate.e_score_correction_bias" for n in names}  # ReLU has no bias
+    assert set(state) - stock_keys == {f"{n}.gate.{b}" for n in names for b in ("l1_coeff", "active_accum",
+                                                                                  "count_accum")}
+    block = model.get_submodule(names[-1])
+    assert state[f"{names[-1]}.experts.gate_up_proj"].data_ptr() == block.moe.experts.w_gate.data_ptr()  # no copy
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    hf.swap_routers(loaded, "relu")
+    ids = token_ids()
+    with torch.no_grad():
+        assert max_diff(loaded(ids).logits, model(ids).logits) <= 1e-5
+    for name in names:  # the router weight came back through HF's gate weight
+        assert torch.equal(loaded.get_submodule(name).moe.router.weight, model.get_submodule(name).moe.router.weight)
+    fresh = tiny_model(family, seed=5)  # the full router state reloads into a swapped model
+    hf.swap_routers(fresh, "relu")
+    assert not fresh.load_state_dict(state).missing_keys
+    assert fresh.get_submodule(names[0]).moe.router.l1_coeff.item() == 0.25
+
+
 def test_swap_with_a_factory_and_with_experts_implementation():
     model = tiny_model("mixtral")
     ref = copy.deepcopy(model)

@@ -1,23 +1,17 @@
 """moe_routing.integrations.megatron against megatron-core itself, on CPU over gloo.
 
-mcore assumes CUDA in a few places; the tests point them at the CPU and say so where they do:
-- ``torch.cuda.current_device`` (buffers and the router weight are placed with it): returns the CPU device.
-- the all-to-all dispatcher only (`cpu_streams`): its device-to-host side stream (``torch.cuda.Stream``,
-  ``current_stream``, ``stream``) becomes a no-op, and ``maybe_move_tensor_to_cpu(as_numpy=True)``, which
-  converts only CUDA tensors, converts the CPU split sizes as it would CUDA ones (gloo's ``all_to_all_single``
-  rejects tensors as split sizes).
-mcore's own ``TopKRouter.forward`` does not run on CPU without Transformer Engine (0.16.1's
-``router_gating_linear`` names an undefined ``te_general_gemm``); the peer checks call its routing and loss
-functions and its ``_apply_*`` loss methods on logits instead.
+mcore assumes CUDA in a few places; moe_routing.integrations.megatron_cpu points them at the CPU (its docstring
+says which): ``cpu_device`` for every test here, ``cpu_streams`` (the all-to-all dispatcher's side stream and
+split sizes) where that dispatcher runs. mcore's own ``TopKRouter.forward`` is not run (0.16.1's
+``router_gating_linear`` names ``te_general_gemm``, defined only with Transformer Engine); the peer checks call
+its routing and loss functions and its ``_apply_*`` loss methods on logits instead.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -28,6 +22,8 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (opt
 
 import moe_routing as mr  # noqa: E402
 from moe_routing.integrations import megatron as mg  # noqa: E402
+from moe_routing.integrations import megatron_cpu  # noqa: E402
+from moe_routing.integrations.megatron_cpu import cpu_device, cpu_process_group  # noqa: E402
 from megatron.core.transformer.moe import moe_utils  # noqa: E402
 
 E, D, FF, K = 4, 16, 24, 2
@@ -35,43 +31,21 @@ E, D, FF, K = 4, 16, 24, 2
 
 @pytest.fixture(scope="module")
 def mcore():
-    """A gloo world of size 1 with mcore's model-parallel state (tp = pp = ep = 1)."""
+    """A gloo world of size 1 with mcore's model-parallel state (tp = pp = ep = 1), mcore on the CPU."""
     if dist.is_initialized():
         pytest.skip("a torch.distributed process group is already initialised in this process")
-    patch = pytest.MonkeyPatch()
-    patch.setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
-    from megatron.core import parallel_state as ps
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
-        ps.initialize_model_parallel(1, 1)
-        try:
-            yield ps
-        finally:
-            ps.destroy_model_parallel()
-            dist.destroy_process_group()
-            moe_utils.get_moe_layer_wise_logging_tracker().clear()
-            patch.undo()
+    try:
+        with cpu_device(), cpu_process_group() as pg:
+            yield pg
+    finally:
+        mg.clear_logged_losses()
 
 
 @pytest.fixture
-def cpu_streams(monkeypatch):
-    """No-op CUDA stream API and CPU split sizes for the all-to-all dispatcher (see the module docstring)."""
-    from megatron.core.transformer.moe import token_dispatcher as td
-
-    class Stream:
-        def __init__(self, *args, **kwargs): ...
-        def wait_stream(self, other): ...
-        def record_event(self):
-            return type("Event", (), {"synchronize": lambda self: None})()
-
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(td.MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", None)
-    monkeypatch.setattr(td, "maybe_move_tensor_to_cpu",
-                        lambda t, as_numpy=False, record_stream=False: t.numpy() if as_numpy and torch.is_tensor(t)
-                        else t)
+def cpu_streams():
+    """The all-to-all dispatcher's CUDA side stream and split sizes on the CPU (see megatron_cpu)."""
+    with megatron_cpu.cpu_streams():
+        yield
 
 
 def make_config(**overrides):
@@ -86,11 +60,7 @@ def make_config(**overrides):
 
 
 def build(spec, config, layer_number=1):
-    from megatron.core.transformer.spec_utils import build_module
-
-    layer = build_module(spec, config=config, layer_number=layer_number)
-    layer.set_layer_number(layer_number)
-    return layer
+    return mg.build_moe_layer(spec, config, layer_number)
 
 
 def ours_like(layer, router=None, **kw) -> mr.MoELayer:
@@ -185,10 +155,11 @@ def test_padding_mask_reaches_the_losses(mcore):
 
 def test_recurrent_router_state_flows_between_mcore_layers(mcore):
     torch.manual_seed(2)
-    spec = mg.moe_layer_spec("recurrent", num_experts=E, proj_dim=8, losses=[mr.SwitchAuxLoss(1e-1)])
+    builder = mg.router_builder("recurrent", proj_dim=8, losses=[mr.SwitchAuxLoss(1e-1)])
+    spec = mg.with_router(mg.moe_layer_spec("topk", num_experts=E), builder)
     cfg = make_config()
     layers = [build(spec, cfg, 1), build(spec, cfg, 2)]
-    group = spec.submodules.router.group
+    group = builder.group
     assert [l.router.router for l in layers] == group.routers
     ours_group = mr.RecurrentRouterGroup(D, E, K, 2, proj_dim=8)
     ours_group.load_state_dict(group.state_dict())
@@ -248,16 +219,15 @@ def test_aux_loss_gradient_follows_mcore_scaling(mcore, per_token):
 
 
 def test_losses_are_logged_in_mcore_tracker_without_coefficient(mcore):
-    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    tracker.clear()
+    mg.clear_logged_losses()
     layer = build(mg.moe_layer_spec("topk", num_experts=E, losses=[mr.SwitchAuxLoss(0.5), mr.ZLoss(0.25)]),
                   make_config(), layer_number=2)
     layer(torch.randn(4, 2, D))
     for name, coeff in (("switch_aux", 0.5), ("z_loss", 0.25)):
-        values = tracker[name]["values"]
+        values = mg.logged_losses()[name]
         assert values.shape == (2,) and values[0] == 0
         assert_close(values[1], layer.router.last_aux_losses[name] / coeff, name)
-    tracker.clear()
+    mg.clear_logged_losses()
 
 
 def test_controllers_run_through_finalize_model_grads(mcore):
@@ -316,8 +286,7 @@ def test_balance_losses_equal_mcore(mcore, score_func):
                       moe_z_loss_coeff=c_z, moe_router_score_function=score_func)
     peer = McoreTopKRouter(cfg, pg_collection=get_default_pg_collection())
     peer.set_layer_number(1)
-    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    tracker.clear()
+    mg.clear_logged_losses()
 
     torch.manual_seed(7)
     router = mr.TopKRouter(D, E, K, score_func=score_func)
@@ -335,12 +304,13 @@ def test_balance_losses_equal_mcore(mcore, score_func):
         peer._apply_aux_loss(probs, scores, routing_map)
         peer._apply_seq_aux_loss(probs, scores, routing_map, S, B)
         peer.apply_z_loss(logits)
-    assert_close(mr.SwitchAuxLoss(1.0)(inputs).value.detach(), tracker["load_balancing_loss"]["values"][0],
+    tracker = mg.logged_losses()
+    assert_close(mr.SwitchAuxLoss(1.0)(inputs).value.detach(), tracker["load_balancing_loss"][0],
                  "switch aux loss (mcore router path)")
-    assert_close(mr.SequenceAuxLoss(1.0)(inputs).value.detach(), tracker["seq_load_balancing_loss"]["values"][0],
+    assert_close(mr.SequenceAuxLoss(1.0)(inputs).value.detach(), tracker["seq_load_balancing_loss"][0],
                  "sequence aux loss")
-    assert_close(mr.ZLoss(1.0)(inputs).value.detach(), tracker["z_loss"]["values"][0], "z-loss (mcore router path)")
-    tracker.clear()
+    assert_close(mr.ZLoss(1.0)(inputs).value.detach(), tracker["z_loss"][0], "z-loss (mcore router path)")
+    mg.clear_logged_losses()
 
 
 def test_spec_goes_into_a_gpt_layer_spec(mcore):

@@ -20,7 +20,7 @@ family's gate class (``_can_record_outputs``: ``OutputRecorder(<Gate>, index=0)`
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -97,6 +97,14 @@ class MoEBlock(nn.Module):
     ``moe.experts`` holds views of the HF block's ``gate_up_proj`` / ``down_proj`` storage in our layout
     (``w_gate``, ``w_up`` [E, H, I], ``w_down`` [E, I, H]); the router's raw logits pass through
     ``router_logits_tap`` so ``output_router_logits=True`` records them.
+
+    Its state dict has the keys and layout of the HF block it replaced, so ``save_pretrained`` writes (and reverts
+    to the checkpoint's original format) what HF's own block would: ``experts.gate_up_proj [E, 2I, H]``,
+    ``experts.down_proj [E, H, I]`` (whole tensors, not the strided views safetensors refuses), the router's
+    entries under ``gate.`` (its [E, D] ``weight`` where HF's gate weight was) and ``shared_experts.*``.
+    ``load_state_dict`` maps them back. Reload: ``from_pretrained`` then `swap_routers` with the same router and
+    ``init_from_gate=True``; router state other than ``weight`` (e.g. ReLU's L1 coefficient) reloads only through
+    ``load_state_dict`` into a swapped model (``from_pretrained`` reports those keys as unexpected).
     """
 
     def __init__(self, moe: MoELayer, logits_tap: nn.Module, shared_experts: Optional[nn.Module] = None) -> None:
@@ -104,6 +112,8 @@ class MoEBlock(nn.Module):
         self.moe = moe
         self.router_logits_tap = logits_tap
         self.shared_experts = shared_experts
+        self._register_state_dict_hook(_hf_layout_state_dict)
+        self.register_load_state_dict_pre_hook(_our_layout_state_dict)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         logits: list[Tensor] = []
@@ -117,6 +127,43 @@ class MoEBlock(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(hidden_states)
         return y
+
+
+def _packed_gate_up(w_gate_EHI: Tensor, w_up_EHI: Tensor) -> Tensor:
+    """HF's ``gate_up_proj`` [E, 2I, H] from our two views of it: the packed tensor itself (no copy) while both
+    still view one contiguous [E, 2I, H] storage, else a concatenated copy."""
+    E, H, I = w_gate_EHI.shape
+    gate_EIH, up_EIH = w_gate_EHI.transpose(1, 2), w_up_EHI.transpose(1, 2)
+    packed = gate_EIH.as_strided((E, 2 * I, H), (2 * I * H, H, 1)) if gate_EIH.stride() == (2 * I * H, H, 1) else None
+    if (packed is not None and w_gate_EHI.untyped_storage().data_ptr() == w_up_EHI.untyped_storage().data_ptr()
+            and up_EIH.storage_offset() == gate_EIH.storage_offset() + I * H and up_EIH.stride() == gate_EIH.stride()):
+        return packed
+    return torch.cat([gate_EIH, up_EIH], dim=1)
+
+
+def _hf_layout_state_dict(block: nn.Module, state: dict, prefix: str, _metadata: Any) -> None:
+    """State-dict hook of `MoEBlock`: our entries renamed and re-laid out as HF's block (see `MoEBlock`)."""
+    experts = prefix + "moe.experts."
+    w_gate, w_up, w_down = (state.pop(experts + name) for name in ("w_gate", "w_up", "w_down"))
+    for key in [k for k in state if k.startswith(prefix + "moe.router.")]:
+        state[prefix + "gate." + key[len(prefix + "moe.router."):]] = state.pop(key)
+    state[prefix + "experts.gate_up_proj"] = _packed_gate_up(w_gate, w_up).detach()
+    state[prefix + "experts.down_proj"] = w_down.transpose(1, 2).detach()
+
+
+def _our_layout_state_dict(block: nn.Module, state: dict, prefix: str, *_args: Any) -> None:
+    """Load-state-dict pre-hook of `MoEBlock`: the inverse of `_hf_layout_state_dict` (keys already in our layout
+    pass through)."""
+    gate_up = state.pop(prefix + "experts.gate_up_proj", None)
+    if gate_up is not None:
+        inter = gate_up.shape[1] // 2
+        state[prefix + "moe.experts.w_gate"] = gate_up[:, :inter].transpose(1, 2)
+        state[prefix + "moe.experts.w_up"] = gate_up[:, inter:].transpose(1, 2)
+    down = state.pop(prefix + "experts.down_proj", None)
+    if down is not None:
+        state[prefix + "moe.experts.w_down"] = down.transpose(1, 2)
+    for key in [k for k in state if k.startswith(prefix + "gate.")]:
+        state[prefix + "moe.router." + key[len(prefix + "gate."):]] = state.pop(key)
 
 
 RouterSpec = Union[str, Callable[..., Router]]

@@ -58,6 +58,15 @@ from ..routers import ROUTERS, RecurrentRouterGroup, Router
 
 _MCORE_VERSION = (int(package_info.MAJOR), int(package_info.MINOR))
 
+try:
+    # 0.19.2 logs through moe_logging's MoEMetricsTracker; there 0.16.1's save_to_aux_losses_tracker is a deprecated
+    # wrapper (it warns) and get_moe_layer_wise_logging_tracker returns a fresh dict on each call (its clear()
+    # clears nothing). Detected by import: moe_logging.py exists in 0.19.2, not in 0.16.1.
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+except ImportError:
+    get_moe_metrics_tracker = None
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
 
 class _SharedContext:
     """The `RoutingContext` of one forward, shared by the layers of one builder (RMoE carries its state through
@@ -196,7 +205,26 @@ class MegatronRouter(MegatronModule):
             return
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         layer = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
-        save_to_aux_losses_tracker(name, value, layer, num_layers, avg_group=self.tp_dp_cp_group)
+        if get_moe_metrics_tracker is not None:
+            get_moe_metrics_tracker().record(name, value, layer, num_layers, avg_group=self.tp_dp_cp_group)
+        else:
+            save_to_aux_losses_tracker(name, value, layer, num_layers, avg_group=self.tp_dp_cp_group)
+
+
+def logged_losses() -> dict[str, Tensor]:
+    """What mcore's aux-loss tracker holds now (our losses and mcore's own): name -> per-layer values
+    ``[num_layers]`` (the live tensors: zeroing one resets that entry)."""
+    if get_moe_metrics_tracker is not None:
+        return {name: entry.values for name, entry in get_moe_metrics_tracker().metrics.items()}
+    return {name: entry["values"] for name, entry in get_moe_layer_wise_logging_tracker().items()}
+
+
+def clear_logged_losses() -> None:
+    """Empty mcore's aux-loss tracker (mcore's training loop does it after each logging step)."""
+    if get_moe_metrics_tracker is not None:
+        get_moe_metrics_tracker().clear()
+    else:
+        get_moe_layer_wise_logging_tracker().clear()
 
 
 def decision_to_probs_map(decision: RoutingDecision, dense_map: bool = False) -> tuple[Tensor, Tensor]:
@@ -328,6 +356,20 @@ def moe_layer_spec(router: Union[str, type, RecurrentRouterGroup] = "relu", *, n
     return with_router(spec, router_builder(router, losses=losses, backend=backend, **router_kwargs))
 
 
+def build_moe_layer(spec: Any, config: Any, layer_number: int = 1, pg_collection: Any = None) -> nn.Module:
+    """An MoE layer from ``spec`` (e.g. `moe_layer_spec`'s) as mcore's ``TransformerLayer`` builds its ``mlp``,
+    numbered ``layer_number``: 0.16.1 passes a ``ModuleSpec`` to ``build_module``, 0.19.2 calls its builder
+    (a ``partial``) with ``config``, ``pg_collection`` and ``is_mtp_layer``."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    if isinstance(spec, ModuleSpec):
+        layer = build_module(spec, config=config, layer_number=layer_number, pg_collection=pg_collection)
+    else:
+        layer = spec(config=config, pg_collection=pg_collection, is_mtp_layer=False)
+    layer.set_layer_number(layer_number)
+    return layer
+
+
 def bind_experts(model: nn.Module) -> int:
     """Let each `MegatronRouter` in ``model`` read its layer's expert weights (needed by `ERCLoss` only).
     Returns the number of layers bound."""
@@ -359,4 +401,5 @@ def with_controllers(finalize_model_grads: Callable, group: Any = None) -> Calla
 
 
 __all__ = ["MegatronRouter", "RouterBuilder", "router_builder", "moe_layer_spec", "with_router", "bind_experts",
-           "with_controllers", "decision_to_probs_map"]
+           "with_controllers", "decision_to_probs_map", "logged_losses", "clear_logged_losses",
+           "build_moe_layer"]
