@@ -3,8 +3,8 @@ local routing consistency (SRP / SCH) and expert-cache hit rates.
 
 The model is a ``moe-ablate`` run: ``--run RUN_DIR`` reads one (a folder ``<out>/<router>/seed<k>`` written by
 ``python -m moe_routing.ablate``, byte tokenizer); without it, one run is trained first into a temporary folder
-with ``python -m moe_routing.ablate --preset cpu-full --routers topk --seeds 0 --steps 150`` (4 layers; about 30 s
-of CPU on one quiet core). Writes ``summary.txt``, ``summary.json`` and three small plots to ``--out`` (default
+with ``python -m moe_routing.ablate --preset cpu-full --routers topk --seeds 0 --steps 150`` (4 layers; the whole
+example takes about 80 s of CPU, 2 to 4 min on a loaded 2-core machine). Writes ``summary.txt``, ``summary.json`` and three small plots to ``--out`` (default
 ``examples/results/routing_analysis``):
 
     PYTHONPATH=. .venv/bin/python examples/routing_analysis.py [--run runs/ablate-quick/topk/seed0]
@@ -130,8 +130,10 @@ def main() -> None:
         "seconds_train_or_load": round(t_train, 1),
         "seconds_total": round(time.time() - t0, 1),
         "cpu_seconds_total": round(time.process_time(), 1),
-        "notes": "corpus-level (unpaired) divergence is near 0 because the balance loss keeps each layer's mean "
-                 "router scores near uniform; the per-sequence (paired) divergence is the informative one. "
+        "notes": "divergence is Bandarkar et al.'s JSD / (log E - mean entropy): the denominator is the room the two "
+                 "distributions leave below the uniform entropy, so with balanced routers (sequence-mean weights "
+                 "near uniform) it is small and the ratio measures the direction of the difference, not its "
+                 "size; compare layers and input pairs of one model, not absolute values across models. "
                  "Steering boosts the promoted experts for every token, so the steered set's per-sequence "
                  "distributions can move away from the unsteered reference's; the paper judges the recipe by "
                  "task accuracy (here: validation loss on the upper-cased set).",

@@ -74,7 +74,7 @@ class OnlineRerouter:
 
     def _init_deltas(self) -> None:
         moe = layers_of(self.model)
-        device = next(moe[0].router.parameters()).device
+        device = next(moe[0].parameters()).device  # an MoELayer's experts, a swapped HF gate's router
         self.deltas = {i: torch.zeros(moe[i].num_experts, device=device, requires_grad=True) for i in self.layers}
         self._opt = torch.optim.Adam(list(self.deltas.values()), lr=self.lr)
 
