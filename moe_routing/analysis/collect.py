@@ -25,7 +25,8 @@ token ids and positions they came from. `RoutingCollection` computes from that:
   averaged over i (the paper's Div^(lang, l), Eq. 2). The denominator is the room the two distributions leave
   below the uniform entropy: since H((p + q) / 2) <= log E the ratio lies in [0, 1] (0 when the denominator is
   0: both uniform). Provenance of the normaliser: the paper's own text (Eq. 6-8) could not be read here; it is
-  the one a public re-implementation states with that equation reference, and matches the summaries' wording
+  the one a public re-implementation states with that equation reference (github TracDucAnh/Nested-OTMoE,
+  ``eval/rounter-steering/Qwen1.5-MoE-A2.7B/plot_routing_divergence.py``), and matches the summaries' wording
   ("entropy-normalised JS divergence"); the per-sequence q and the pairing were checked against a summary
   quoting Eq. 1.
 """
