@@ -160,7 +160,8 @@ def collect_routing(model: nn.Module, batches: Iterable, forward: Optional[Calla
     """Run ``batches`` through ``model`` (no grad) and collect every MoE layer's routing.
 
     Args:
-        model: any module holding `MoELayer`s (put it in eval mode first for inference routing).
+        model: any module holding `MoELayer`s, or an HF model after `integrations.hf.swap_routers` (layers:
+            `moe_routing.routing_layers`); put it in eval mode first for inference routing.
         batches: integer token ids [B, S] (or [S], or tuples whose first item is the ids).
         forward: ``forward(model, batch)`` running one batch (default ``model(ids_BS)``); e.g. to set a
             `routing_context` with token ids for hash routers.
