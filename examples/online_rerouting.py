@@ -1,4 +1,8 @@
-"""Test-time rerouting on a briefly trained ablation model (TinyLM, top-k router, Shakespeare bytes).
+"""Test-time rerouting on a trained ablation model (a ``moe-ablate`` run: TinyLM, byte Shakespeare).
+
+``--run RUN_DIR`` reads a run folder (``<out>/<router>/seed<k>`` written by ``python -m moe_routing.ablate``, byte
+tokenizer, a gated softmax router such as topk); without it one is trained first into a temporary folder with
+``python -m moe_routing.ablate --preset quick --routers topk --seeds 0 --steps 150`` (D=64, L=2, E=8, k=2).
 
 1. Online rerouting ("Rewiring Experts on the Fly", arXiv 2510.14853): perplexity of held-out text (validation
    plays) with and without additive router-logit vectors adapted on the context: at prefill only, and online
@@ -8,7 +12,7 @@
 3. A short greedy and a seeded sampled generation with the online rerouter.
 
 Numbers go to examples/results/online_rerouting.json. About a minute on one quiet CPU core:
-``PYTHONPATH=. .venv/bin/python examples/online_rerouting.py``.
+``PYTHONPATH=. .venv/bin/python examples/online_rerouting.py [--run runs/ablate-quick/topk/seed0]``.
 """
 from __future__ import annotations
 
@@ -16,29 +20,26 @@ import argparse
 from contextlib import nullcontext
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from moe_routing.ablate.config import get_preset
 from moe_routing.ablate.data import ByteTokenizer, get_batch, load_corpus
-from moe_routing.ablate.registry import build_model
+from moe_routing.ablate.load import LoadedRun, load_run, train_quick_run
 from moe_routing.rerouting import OnlineRerouter, build_reference, generate, r2t2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def train(model, tokens, steps, seq_len, batch=16, lr=3e-3):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    for step in range(steps):
-        x, y = get_batch(tokens, batch, seq_len, seed=0, step=step)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
+def trained_run(args) -> LoadedRun:
+    """The run given with ``--run``, or one trained now into a temporary folder."""
+    if args.run is not None:
+        return load_run(args.run)
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_run(train_quick_run(tmp, args.preset, "topk", args.train_steps))
 
 
 def continuation_nll(model, window_S, context, rerouter=None, interval=0):
@@ -64,7 +65,9 @@ def continuation_nll(model, window_S, context, rerouter=None, interval=0):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--run", help="a moe-ablate run folder (<out>/<router>/seed<k>); default: train one")
+    parser.add_argument("--preset", default="quick", help="preset of the run trained without --run")
+    parser.add_argument("--train-steps", type=int, default=150, help="steps of the run trained without --run")
     parser.add_argument("--windows", type=int, default=24, help="held-out windows for the perplexity")
     parser.add_argument("--interval", type=int, default=8)
     parser.add_argument("--test", type=int, default=24, help="held-out windows for R2-T2")
@@ -80,12 +83,15 @@ def main() -> None:
     tok = ByteTokenizer()
     train_tokens = tok.encode("\n\n".join(corpus.train_docs)[:400_000])
     val_tokens = tok.encode("\n\n".join(corpus.val_docs)[:100_000])
-    p = get_preset("quick", d_model=48, n_layers=2, n_heads=4, num_experts=8, top_k=2, expert_hidden=64, seq_len=64)
-    model = build_model(p, "topk", 0, tok.vocab_size)
-    train_loss = train(model, train_tokens, args.train_steps, p.seq_len)
-    model.eval()
-    results = {"model": "TinyLM d=48 L=2 E=8 k=2 topk, byte Shakespeare", "train_steps": args.train_steps,
-               "final_train_loss": round(train_loss, 4)}
+    run = trained_run(args)
+    if run.tokenizer != "byte":
+        raise SystemExit(f"--run {run.run_dir}: trained with the {run.tokenizer!r} tokenizer; this example encodes "
+                         "bytes (moe-ablate's default tokenizer)")
+    model, p = run.model, run.preset
+    last = p.n_layers - 1
+    results = {"model": run.describe() + ("" if args.run else " (trained by this run, temporary folder)"),
+               "run_final_val_loss": round(run.result["final_val_loss"], 4) if run.result else None,
+               "seconds_train_or_load": round(time.time() - t0, 1)}
 
     # 1. perplexity of held-out continuations
     windows, _ = get_batch(val_tokens, args.windows, p.seq_len, seed=-7, step=0)
@@ -110,10 +116,10 @@ def main() -> None:
     S = 32
     ref_x, ref_y = get_batch(train_tokens, args.reference, S, seed=1, step=0)
     test_x, test_y = get_batch(val_tokens, args.test, S, seed=2, step=0)
-    ref = build_reference(model, ref_x, ref_y[:, -1], layers=[1])
+    ref = build_reference(model, ref_x, ref_y[:, -1], layers=[last])
     with torch.no_grad():
         base_acc = float((model(test_x)[:, -1].argmax(-1) == test_y[:, -1]).float().mean())
-    r2 = {"reference_correct": int(ref.inputs.shape[0]), "reference_total": args.reference, "test": args.test,
+    r2 = {"layer": last, "reference_correct": int(ref.inputs.shape[0]), "reference_total": args.reference, "test": args.test,
           "accuracy_base": base_acc}
     for strategy in ("kernel", "ngd", "mode"):
         out = r2t2(model, test_x, ref, strategy=strategy, num_neighbors=5, search_steps=4)

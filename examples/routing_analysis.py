@@ -1,11 +1,13 @@
-"""Routing analysis of a briefly trained ablation model: load, specialisation, cross-input divergence, an
-intervention, local routing consistency (SRP / SCH) and expert-cache hit rates.
+"""Routing analysis of a trained ablation model: load, specialisation, cross-input divergence, an intervention,
+local routing consistency (SRP / SCH) and expert-cache hit rates.
 
-Trains the ``quick`` preset of ``moe-ablate`` (byte tokens, Shakespeare) with 4 layers for a few hundred steps
-(about 30 s of CPU on one core; longer on a loaded machine), then writes ``summary.txt``, ``summary.json`` and three small plots to ``--out``
-(default ``examples/results/routing_analysis``):
+The model is a ``moe-ablate`` run: ``--run RUN_DIR`` reads one (a folder ``<out>/<router>/seed<k>`` written by
+``python -m moe_routing.ablate``, byte tokenizer); without it, one run is trained first into a temporary folder
+with ``python -m moe_routing.ablate --preset cpu-full --routers topk --seeds 0 --steps 150`` (4 layers; the whole
+example takes about 80 s of CPU, 2 to 4 min on a loaded 2-core machine). Writes ``summary.txt``, ``summary.json`` and three small plots to ``--out`` (default
+``examples/results/routing_analysis``):
 
-    PYTHONPATH=. .venv/bin/python examples/routing_analysis.py
+    PYTHONPATH=. .venv/bin/python examples/routing_analysis.py [--run runs/ablate-quick/topk/seed0]
 
 Input sets: held-out Shakespeare windows ("text"), the same windows upper-cased (a parallel set: sequence i is
 a "translation" of text's sequence i, as FLORES sentences are in the Multilingual Routing paper) and windows
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,9 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import moe_routing as mr
-from moe_routing.ablate.config import get_preset
 from moe_routing.ablate.data import ByteTokenizer, get_batch, load_corpus
-from moe_routing.ablate.registry import build_model
+from moe_routing.ablate.load import LoadedRun, load_run, train_quick_run
 from moe_routing.analysis import (collect_routing, hit_rate_curve, plot_hit_rates, plot_routing, routing_divergence,
                                   sch, srp)
 
@@ -40,22 +42,12 @@ def upper(ids: torch.Tensor) -> torch.Tensor:
     return torch.where((ids >= 97) & (ids <= 122), ids - 32, ids)
 
 
-def train(model, train_N, p, steps: int) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
-    mr.attach(model, opt)  # routers' per-step controllers (aux-free bias, ...)
-    model.train()
-    losses = []
-    for step in range(steps):
-        x, y = get_batch(train_N, p.micro_batch, p.seq_len, seed=0, step=step)
-        for g in opt.param_groups:
-            g["lr"] = p.lr_at(step)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+def trained_run(args) -> LoadedRun:
+    """The run given with ``--run``, or one trained now into a temporary folder."""
+    if args.run is not None:
+        return load_run(args.run)
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_run(train_quick_run(tmp, args.preset, args.router, args.steps))
 
 
 @torch.no_grad()
@@ -65,22 +57,25 @@ def val_loss(model, x_BS, y_BS) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--router", default="topk")
+    parser.add_argument("--run", help="a moe-ablate run folder (<out>/<router>/seed<k>); default: train one")
+    parser.add_argument("--preset", default="cpu-full", help="preset of the run trained without --run")
+    parser.add_argument("--steps", type=int, default=150, help="steps of the run trained without --run")
+    parser.add_argument("--router", default="topk", help="router of the run trained without --run")
     parser.add_argument("--out", default=str(ROOT / "examples" / "results" / "routing_analysis"))
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     t0 = time.time()
-    p = get_preset("quick", n_layers=4)
+    run = trained_run(args)
+    if run.tokenizer != "byte":
+        raise SystemExit(f"--run {run.run_dir}: trained with the {run.tokenizer!r} tokenizer; this example's input "
+                         "sets (upper-cased bytes) need a byte-tokenised run (moe-ablate's default)")
+    model, p = run.model, run.preset
+    t_train = time.time() - t0
     tok = ByteTokenizer()
     corpus = load_corpus()
-    train_N = tok.encode("".join(corpus.train_docs[:3]))
     val_N = tok.encode(corpus.val_docs[0])
     code_N = tok.encode("".join(f.read_text() for f in sorted((ROOT / "moe_routing" / "analysis").glob("*.py"))))
-    model = build_model(p, args.router, seed=0, vocab_size=tok.vocab_size)
-    losses = train(model, train_N, p, args.steps)
-    t_train = time.time() - t0
 
     S, N = p.seq_len, 32
     text_BS = windows(val_N, N, S, seed=1)
@@ -114,8 +109,8 @@ def main() -> None:
 
     r = lambda t: [round(float(v), 4) for v in t]  # noqa: E731
     summary = {
-        "model": f"quick preset, 4 layers, router={args.router}, E={E}, k={K}, {args.steps} steps "
-                 f"(train loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f})",
+        "model": run.describe() + ("" if args.run else " (trained by this run, temporary folder)"),
+        "run_final_val_loss": round(run.result["final_val_loss"], 4) if run.result else None,
         "tokens_per_set": text.num_tokens,
         "expert_load_max_over_mean": r(text.expert_load().amax(1) * E),
         "token_id_specialisation_U": r(tok_spec.score_L),
@@ -132,11 +127,13 @@ def main() -> None:
         f"sch_seg{seg}_cache{2 * K}": r(sch_L[:, 2 * K - 1]),
         "hit_rate_cache_sizes": sizes,
         "hit_rates": {k: r(v) for k, v in curves.items()},
-        "seconds_train": round(t_train, 1),
+        "seconds_train_or_load": round(t_train, 1),
         "seconds_total": round(time.time() - t0, 1),
         "cpu_seconds_total": round(time.process_time(), 1),
-        "notes": "corpus-level (unpaired) divergence is near 0 because the balance loss keeps each layer's mean "
-                 "router scores near uniform; the per-sequence (paired) divergence is the informative one. "
+        "notes": "divergence is Bandarkar et al.'s JSD / (log E - mean entropy): the denominator is the room the two "
+                 "distributions leave below the uniform entropy, so with balanced routers (sequence-mean weights "
+                 "near uniform) it is small and the ratio measures the direction of the difference, not its "
+                 "size; compare layers and input pairs of one model, not absolute values across models. "
                  "Steering boosts the promoted experts for every token, so the steered set's per-sequence "
                  "distributions can move away from the unsteered reference's; the paper judges the recipe by "
                  "task accuracy (here: validation loss on the upper-cased set).",

@@ -25,6 +25,7 @@ from .routers import BlockFFNRouter, MixtureOfRoutersRouter
 # routing analysis and interventions (issue 18)
 from . import analysis  # mr.analysis.collect_routing, srp, sch, simulate_cache, ...
 from .interventions import intervene, promote_experts
+from .control import routing_layers  # MoELayers and swapped HF routers
 # test-time rerouting (issue 18): R2-T2 and online additive-vector rerouting
 from . import rerouting
 from .rerouting import OnlineRerouter, r2t2
@@ -48,5 +49,5 @@ __all__ = ["MoELayer", "GatedRouter", "LossInputs", "LossOutput", "attach", "Top
            "set_hyper_top_k", "Dispatcher", "LocalDispatcher", "AllToAllDispatcher", "reshard_expert_state_dicts",
            "BlockFFNRouter", "MixtureOfRoutersRouter", "ActivationLocalityLoss", "ChunkSparsificationLoss",
            "RoutingRecord", "record_routing", "replay_routing",
-           "record_router_logits", "hf_load_balancing_loss", "analysis", "intervene", "promote_experts", "rerouting", "r2t2", "OnlineRerouter",
+           "record_router_logits", "hf_load_balancing_loss", "analysis", "intervene", "promote_experts", "routing_layers", "rerouting", "r2t2", "OnlineRerouter",
            "CompeteRouter", "CompeteDistillLoss", "BilevelRouter", "GroupBalanceLoss", "NodeLocalityLoss", "expert_groups", "SMEARLayer", "convert"]

@@ -15,12 +15,21 @@ from torch.utils.hooks import RemovableHandle
 from .decision import RoutingContext
 from .layer import MoELayer
 from .routers.base import Router
+from .selection import LayerRouting
 from .validation import check_float
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     """``(name, layer)`` for every `MoELayer` in ``model``, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def routing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` for every module of ``model`` that routes through a `LayerRouting`, in module order: the
+    `MoELayer`s, and the routers `moe_routing.integrations.hf.swap_routers` put into a Hugging Face model's sparse
+    blocks (`RouterGate`). What recording, replay, interventions and rerouting act on; each has ``router``,
+    ``num_experts``, ``top_k`` and ``layer_key``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "_routing", None), LayerRouting)]
 
 
 @torch.no_grad()

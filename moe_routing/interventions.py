@@ -28,7 +28,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .control import moe_layers
+from .control import routing_layers
 from .routers.base import GatedRouter
 
 Offsets = Mapping[int, float]
@@ -54,9 +54,10 @@ def _check_offsets(name: str, offsets: Optional[Offsets], num_experts: int, sign
 
 def _offsets_by_layer(model: nn.Module, layers: Optional[Sequence[int]], boost: Optional[Offsets],
                       suppress: Optional[Offsets], per_layer: Optional[Mapping[int, Offsets]]):
-    moes = [layer for _, layer in moe_layers(model)]
+    moes = [layer for _, layer in routing_layers(model)]
     if not moes:
-        raise ValueError(f"{type(model).__name__} has no MoELayer: nothing to intervene on")
+        raise ValueError(f"{type(model).__name__} has no MoELayer (nor an HF sparse block after "
+                         "swap_routers): nothing to intervene on")
     L = len(moes)
     if layers is None:
         layers = range(L) if (boost or suppress) else []
@@ -108,7 +109,8 @@ def intervene(model: nn.Module, layers: Optional[Sequence[int]] = None, boost: O
     """Inside the block, MoE layer ``l`` (for ``l`` in ``layers``) routes on ``logits + offset_E``.
 
     Args:
-        model: any module holding `MoELayer`s with gated routers; layer indices count its MoE layers in order.
+        model: any module holding `MoELayer`s with gated routers, or an HF model after
+            `integrations.hf.swap_routers`; layer indices count its MoE layers in order (`routing_layers`).
         layers: MoE layer indices ``boost`` / ``suppress`` apply to (negative counts from the end; None: all).
         boost: ``{expert: delta}`` added to those experts' logits, delta >= 0.
         suppress: ``{expert: -delta}`` added likewise, values <= 0.

@@ -137,24 +137,39 @@ def test_relu_router_collects_a_routing_map():
     assert torch.equal(col.expert_counts()[0], col.routing_map_TLE[:, 0].sum(0))
 
 
+def _entropy(p):
+    return -(p[p > 0] * p[p > 0].log()).sum().item()
+
+
 def test_normalized_js_against_scipy():
+    """Bandarkar et al.'s D_H-JS = JSD / (log E - (H(p) + H(q)) / 2), with scipy's JSD (natural log)."""
     distance = pytest.importorskip("scipy.spatial.distance")
     g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        p = torch.rand(7, generator=g, dtype=torch.float64) ** 3
-        q = torch.rand(7, generator=g, dtype=torch.float64) ** 3
-        p[0] = 0  # a zero entry
-        p, q = p / p.sum(), q / q.sum()
-        jsd = distance.jensenshannon(p.numpy(), q.numpy()) ** 2  # natural log
-        m = (p + q) / 2
-        h_m = -(m[m > 0] * m[m > 0].log()).sum().item()
-        assert normalized_js(p, q).item() == pytest.approx(jsd / h_m, rel=1e-10)
+    for n in (2, 3, 7, 64):
+        for _ in range(10):
+            p = torch.rand(n, generator=g, dtype=torch.float64) ** 3
+            q = torch.rand(n, generator=g, dtype=torch.float64) ** 3
+            p[0] = 0  # a zero entry
+            p, q = p / p.sum(), q / q.sum()
+            jsd = distance.jensenshannon(p.numpy(), q.numpy()) ** 2
+            room = math.log(n) - (_entropy(p) + _entropy(q)) / 2
+            assert normalized_js(p, q).item() == pytest.approx(jsd / room, rel=1e-9)
+            assert 0 <= normalized_js(p, q).item() <= 1
+    # disjoint one-hot: log 2 / log E (1 only at E = 2, where the mixture is uniform)
     assert normalized_js(torch.tensor([1.0, 0]), torch.tensor([0.0, 1])).item() == pytest.approx(1.0)
+    one_hot = torch.eye(4, dtype=torch.float64)
+    assert normalized_js(one_hot[0], one_hot[1]).item() == pytest.approx(0.5)
     assert normalized_js(torch.tensor([1.0, 0]), torch.tensor([1.0, 0])).item() == 0.0
+    uniform = torch.full((5,), 0.2, dtype=torch.float64)
+    assert normalized_js(uniform, uniform).item() == 0.0  # no room below log E: defined as 0
+    # batched over leading dimensions like the per-sequence, per-layer use
+    a, b = torch.rand(3, 2, 6, generator=g).softmax(-1), torch.rand(3, 2, 6, generator=g).softmax(-1)
+    assert normalized_js(a, b).shape == (3, 2)
+    assert torch.allclose(normalized_js(a, b)[1, 0], normalized_js(a[1, 0], b[1, 0]))
 
 
 def test_routing_divergence_known_answers():
-    # layer 0 maps every id to expert 0 or 1 by id parity; layer 1 sends every id to expert 2
+    # layer 0 maps every id to expert 0 or 1 by id parity; layer 1 sends every id to expert 2 (E = 4)
     t0 = (torch.arange(V) % 2)[:, None]
     t1 = torch.full((V, 1), 2)
     model = HashModel([t0, t1]).eval()
@@ -162,17 +177,17 @@ def test_routing_divergence_known_answers():
     odd = collect_routing(model, [torch.tensor([[1, 3, 5], [7, 9, 11]])])
     mixed = collect_routing(model, [torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])])
     assert torch.allclose(routing_divergence(even, even), torch.zeros(2, dtype=torch.float64))
-    # even vs odd: disjoint experts in layer 0 (divergence 1), identical in layer 1 (0)
-    assert torch.allclose(routing_divergence(even, odd), torch.tensor([1.0, 0.0], dtype=torch.float64))
-    # a half/half sequence against an all-expert-0 one: JSD / H(M) with M = (3/4, 1/4)
+    # even vs odd: disjoint one-hot in layer 0: JSD = log 2 over log E - 0 = log 4; identical in layer 1 (0)
+    assert torch.allclose(routing_divergence(even, odd), torch.tensor([0.5, 0.0], dtype=torch.float64))
+    # a half/half sequence against an all-expert-0 one: (H(M) - log 2 / 2) / (log 4 - log 2 / 2), M = (3/4, 1/4)
     m = torch.tensor([0.75, 0.25], dtype=torch.float64)
-    h_m = -(m * m.log()).sum()
-    expect = (h_m - math.log(2) / 2) / h_m
-    assert routing_divergence(even, mixed)[0].item() == pytest.approx(expect.item(), rel=1e-12)
+    h_m = -(m * m.log()).sum().item()
+    expect = (h_m - math.log(2) / 2) / (math.log(4) - math.log(2) / 2)
+    assert routing_divergence(even, mixed)[0].item() == pytest.approx(expect, rel=1e-12)
     with pytest.raises(ValueError, match="paired=True needs as many sequences"):
         routing_divergence(even, collect_routing(model, [torch.tensor([[0, 2]])]))
     unpaired = routing_divergence(even, collect_routing(model, [torch.tensor([[1, 3]])]), paired=False)
-    assert unpaired[0].item() == pytest.approx(1.0)
+    assert unpaired[0].item() == pytest.approx(0.5)
 
 
 def test_bad_input():

@@ -13,15 +13,26 @@ token ids and positions they came from. `RoutingCollection` computes from that:
   specialisation is the "context-independent specialisation" OpenMoE reports (Xue et al. 2024, arXiv 2402.01739,
   section 5); the scores are this library's summary of it;
 - cross-input routing divergence (`routing_divergence`): the quantity of Bandarkar et al. 2025, "Multilingual
-  Routing in Mixture-of-Experts" (arXiv 2510.04694, no public code), which correlates with a language's
-  performance in the middle layers: per sequence the mean over its tokens of the router's post-softmax
-  weights, q_i (a distribution over experts); for parallel inputs (sequence i of one set translates sequence i
-  of the other) the Jensen-Shannon divergence of q_i^a and q_i^b normalised by entropy, averaged over i. The
-  normalisation used here divides by the entropy of the mixture, JSD / H((q^a + q^b) / 2), which lies in [0, 1]
-  (JSD = H(M) - (H(q^a) + H(q^b)) / 2); the paper's exact normaliser was read from summaries, not its code.
+  Routing in Mixture-of-Experts" (arXiv 2510.04694, section 4.3 and appendix A.4; no public code), which
+  correlates with a language's performance in the middle layers. Per sequence i and layer l, q_i = the mean over
+  its tokens of the router's post-softmax weights (a distribution over the E experts; the paper's Eq. 1); for
+  parallel inputs (sequence i of one set translates sequence i of the other) the entropy-normalised
+  Jensen-Shannon divergence
+
+      D_H-JS(q^a, q^b) = JSD(q^a, q^b) / (log E - (H(q^a) + H(q^b)) / 2),
+      JSD(p, q) = H((p + q) / 2) - (H(p) + H(q)) / 2      (natural log; the ratio is base-free),
+
+  averaged over i (the paper's Div^(lang, l), Eq. 2). The denominator is the room the two distributions leave
+  below the uniform entropy: since H((p + q) / 2) <= log E the ratio lies in [0, 1] (0 when the denominator is
+  0: both uniform). Provenance of the normaliser: the paper's own text (Eq. 6-8) could not be read here; it is
+  the one a public re-implementation states with that equation reference (github TracDucAnh/Nested-OTMoE,
+  ``eval/rounter-steering/Qwen1.5-MoE-A2.7B/plot_routing_divergence.py``), and matches the summaries' wording
+  ("entropy-normalised JS divergence"); the per-sequence q and the pairing were checked against a summary
+  quoting Eq. 1.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -149,7 +160,8 @@ def collect_routing(model: nn.Module, batches: Iterable, forward: Optional[Calla
     """Run ``batches`` through ``model`` (no grad) and collect every MoE layer's routing.
 
     Args:
-        model: any module holding `MoELayer`s (put it in eval mode first for inference routing).
+        model: any module holding `MoELayer`s, or an HF model after `integrations.hf.swap_routers` (layers:
+            `moe_routing.routing_layers`); put it in eval mode first for inference routing.
         batches: integer token ids [B, S] (or [S], or tuples whose first item is the ids).
         forward: ``forward(model, batch)`` running one batch (default ``model(ids_BS)``); e.g. to set a
             `routing_context` with token ids for hash routers.
@@ -202,16 +214,19 @@ def sequence_distributions(collection: RoutingCollection) -> Tensor:
 
 
 def normalized_js(p: Tensor, q: Tensor) -> Tensor:
-    """JSD(p, q) / H((p + q) / 2) over the last dimension (0 where the mixture has zero entropy)."""
-    m = (p + q) / 2
-    h_m = _entropy(m)
-    jsd = h_m - (_entropy(p) + _entropy(q)) / 2
-    return torch.where(h_m > 0, jsd.clamp_min(0) / h_m.clamp_min(1e-300), torch.zeros_like(h_m))
+    """Entropy-normalised Jensen-Shannon divergence over the last dimension (E), Bandarkar et al. 2025
+    (module docstring): JSD(p, q) / (log E - (H(p) + H(q)) / 2), in [0, 1]; 0 where the denominator is 0."""
+    h_avg = (_entropy(p) + _entropy(q)) / 2
+    jsd = (_entropy((p + q) / 2) - h_avg).clamp_min(0)
+    room = math.log(p.shape[-1]) - h_avg
+    # 1e-12: rounding leaves a near-uniform pair a denominator of ~1e-16 over a JSD of the same size
+    return torch.where(room > 1e-12, (jsd / room.clamp_min(1e-300)).clamp(0, 1), torch.zeros_like(room))
 
 
 def routing_divergence(a: RoutingCollection, b: RoutingCollection, paired: bool = True) -> Tensor:
     """float64 [L]: entropy-normalised Jensen-Shannon divergence of the routing of inputs ``a`` and ``b`` per
-    layer (Bandarkar et al. 2025; module docstring). 0 = routed alike, 1 = disjoint experts.
+    layer (Bandarkar et al. 2025, section 4.3, Eq. 2; `normalized_js`). 0 = routed alike; 1 only when the two
+    distributions are disjoint and their mixture is uniform (e.g. two one-hot on E = 2).
 
     ``paired=True``: sequence i of ``a`` and of ``b`` are parallel (translations); the divergence of each pair,
     averaged. ``paired=False``: the divergence of the two sets' mean distributions."""

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..layer import MoELayer
 from ..ops.backend import check_backend_name, resolve_backend
 from ..routers import ROUTERS, Router, TopKRouter
+from ..selection import LayerRouting
 from ..validation import check_bool
 
 # DeepSeek-V3's bias update rate (gamma = 0.001, arXiv 2412.19437 section 2.1.2); it moves only when the user
@@ -64,6 +65,11 @@ class RouterGate(nn.Module):
 
     Built by `swap_routers` as a subclass of the replaced gate's class (only for HF's output recorder; none of
     that class's code or parameters is used).
+
+    Routes through a `LayerRouting` (``_routing``) as an `MoELayer` does, so `record_routing`, `replay_routing`,
+    `moe_routing.intervene`, `moe_routing.rerouting` and `analysis.collect_routing` act on it
+    (`moe_routing.routing_layers`), and an activation-checkpoint recomputation reuses its forward's selection
+    (kept on the gate weights' graph).
     """
 
     def __init__(self, router: Router, layer_idx: int, backend: str = "auto") -> None:
@@ -73,11 +79,16 @@ class RouterGate(nn.Module):
         self.backend = check_backend_name(backend)
         self.top_k, self.num_experts = router.top_k, router.num_experts
         self.hidden_dim = router.hidden_size
+        self._routing = LayerRouting()
+
+    @property
+    def layer_key(self) -> int:
+        return self.layer_idx
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x_TD = hidden_states.reshape(-1, self.hidden_dim)
-        decision = self.router(x_TD, None, self.layer_idx, resolve_backend(self.backend, x_TD.device))
-        return decision.logits_TE, decision.weights_TK, decision.experts_TK
+        decision, kept = self._routing.route(self, x_TD, None, resolve_backend(self.backend, x_TD.device))
+        return decision.logits_TE, self._routing.keep(decision.weights_TK, kept), decision.experts_TK
 
 
 class RouterLogitsTap(nn.Module):

@@ -1,8 +1,9 @@
 """`record_routing` and `replay_routing`: record every MoE layer's selection, or force a recorded one (R2/R3).
 
-Both install per-layer hooks on the `MoELayer`s (`MoELayer._routing`, see `moe_routing.selection`) for the
-duration of the block; no router is patched. Replay goes through the routers' ``forced_experts`` channel, so
-gates are recomputed from the current router's full scores and replayed experts keep their gradient.
+Both install per-layer hooks on the `MoELayer`s (`MoELayer._routing`, see `moe_routing.selection`; the HF routers
+`integrations.hf.swap_routers` puts in alike: `moe_routing.routing_layers`) for the duration of the block; no
+router is patched. Replay goes through the routers' ``forced_experts`` channel, so gates are recomputed from the
+current router's full scores and replayed experts keep their gradient.
 """
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def record_routing(model: nn.Module, keep_scores: bool = False) -> Iterator[Rout
     if not isinstance(keep_scores, bool):
         raise TypeError(f"keep_scores must be a bool, got {type(keep_scores).__name__} {keep_scores!r}")
     names, experts, top_k, kinds, as_map = model_layout(model)
-    from ..control import moe_layers
+    from ..control import routing_layers
 
-    layers = [layer for _, layer in moe_layers(model)]
+    layers = [layer for _, layer in routing_layers(model)]
     E_max = max(experts)
     chunks: list[list[Tensor]] = [[] for _ in layers]
     score_chunks: list[list[Tensor]] = [[] for _ in layers]
@@ -171,9 +172,9 @@ def replay_routing(model: nn.Module, experts_TLK: Union[Tensor, RoutingRecord],
     selection of its original forward (`moe_routing.selection`). Expert-choice routers cannot replay (they raise).
     """
     names, experts, top_k, _, _ = model_layout(model)
-    from ..control import moe_layers
+    from ..control import routing_layers
 
-    layers = [layer for _, layer in moe_layers(model)]
+    layers = [layer for _, layer in routing_layers(model)]
     if isinstance(experts_TLK, RoutingRecord):
         experts_TLK.check_model(model)
         experts_TLK = experts_TLK.selection

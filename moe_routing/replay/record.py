@@ -36,11 +36,12 @@ def host_tensor(t: Tensor) -> Tensor:
 
 def model_layout(model: nn.Module) -> tuple[list[str], list[int], int, list[str], bool]:
     """``(layer_names, num_experts per layer, top_k, router kinds, any variable-k)`` of ``model``'s MoE layers."""
-    from ..control import moe_layers  # the package root imports this module
+    from ..control import routing_layers  # the package root imports this module
 
-    layers = moe_layers(model)
+    layers = routing_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoELayer: nothing to record or replay")
+        raise ValueError(f"{type(model).__name__} has no MoELayer (nor an HF sparse block after "
+                         "swap_routers): nothing to record or replay")
     ks = {layer.top_k for _, layer in layers}
     if len(ks) != 1:
         raise ValueError(f"routing records need one top_k for all MoE layers, the model has {sorted(ks)}")

@@ -10,7 +10,8 @@ Mechanism: the edit is installed in the layer's routing hooks (`moe_routing.sele
 the channel `moe_routing.intervene`'s offsets use too); the layer hands it to its router through the
 `RoutingContext` and `GatedRouter.route` applies it right after the offsets. No router is patched; nested blocks
 compose (outer first) and each is removed on exit. Layers are numbered by their order in ``model``
-(`moe_routing.moe_layers`), and only `GatedRouter`s (routers with a ``gating`` step) can be edited.
+(`moe_routing.routing_layers`: `MoELayer`s, or the routers `integrations.hf.swap_routers` puts into an HF model),
+and only `GatedRouter`s (routers with a ``gating`` step) can be edited.
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..control import moe_layers
-from ..layer import MoELayer
+from ..control import routing_layers
 from ..routers.base import GatedRouter
 from ..validation import check_int
 
@@ -29,13 +29,27 @@ from ..validation import check_int
 LogitEdit = Callable[[Tensor], Tensor]
 
 
-def layers_of(model: nn.Module) -> list[MoELayer]:
-    """The `MoELayer`s of ``model`` in module order (ValueError when there is none)."""
-    layers = [layer for _, layer in moe_layers(model)]
+def layers_of(model: nn.Module) -> list[nn.Module]:
+    """The MoE layers of ``model`` in module order (`moe_routing.routing_layers`; ValueError when there is none)."""
+    layers = [layer for _, layer in routing_layers(model)]
     if not layers:
-        raise ValueError(f"model must contain at least one moe_routing.MoELayer, got a {type(model).__name__} "
-                         "without any")
+        raise ValueError(f"model must contain at least one moe_routing.MoELayer (or HF sparse block after "
+                         f"integrations.hf.swap_routers), got a {type(model).__name__} without any")
     return layers
+
+
+def output_logits(output) -> Tensor:
+    """The logits of a model's output: the tensor itself, an HF ``ModelOutput``'s ``logits``, or the first item
+    of a tuple (what a causal LM ``ids -> logits [B, S, V]`` returns in each convention)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"the model must return logits [B, S, V] (a tensor, an output with .logits, or a tuple "
+                    f"starting with them), got {type(output).__name__}")
 
 
 def check_layer_indices(name: str, layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -54,7 +68,8 @@ def edit_router_logits(model: nn.Module, edits: Mapping[int, LogitEdit]) -> Iter
     """Within the block, MoE layer ``i`` of ``model`` routes on ``edits[i](logits_TE)`` instead of its logits.
 
     Args:
-        model: any module containing `MoELayer`s (or an `MoELayer`); layers are indexed in module order.
+        model: any module containing `MoELayer`s (or an `MoELayer`), or an HF model after `swap_routers`;
+            layers are indexed in module order.
         edits: ``{layer index: fn}``; ``fn`` maps float [T, E] logits to [T, E] logits (T = the tokens of that
             forward, flattened in the layer's input order).
     """
@@ -90,8 +105,9 @@ def add_to_router_logits(model: nn.Module, offsets: Mapping[int, Tensor]):
 @contextmanager
 def without_aux_gradient(model: nn.Module) -> Iterator[None]:
     """Zero every MoE layer's injected aux-loss gradient for the block (restored on exit): test-time objectives
-    optimise the task loss alone, and the balance losses must not leak into their gradient."""
-    layers = [layer for _, layer in moe_layers(model)]
+    optimise the task loss alone, and the balance losses must not leak into their gradient. (A swapped HF router
+    injects none: HF adds its aux loss only to the output's ``loss`` / ``aux_loss``.)"""
+    layers = [layer for _, layer in routing_layers(model) if hasattr(layer, "aux_loss_scale")]
     saved = [layer.aux_loss_scale.clone() for layer in layers]
     try:
         for layer in layers:

@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..validation import check_float, check_int
-from .logits import add_to_router_logits, check_layer_indices, edit_router_logits, layers_of, without_aux_gradient
+from .logits import (add_to_router_logits, check_layer_indices, edit_router_logits, layers_of, output_logits,
+                     without_aux_gradient)
 
 
 def next_token_loss(model: nn.Module, ids_BS: Tensor) -> Tensor:
     """Mean next-token cross-entropy of ``model(ids)[:, :-1]`` against ``ids[:, 1:]`` (float32 or higher)."""
-    logits = model(ids_BS)[:, :-1]
+    logits = output_logits(model(ids_BS))[:, :-1]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids_BS[:, 1:].reshape(-1))
 
 
@@ -35,7 +36,8 @@ class OnlineRerouter:
     """Additive router-logit vectors for chosen MoE layers of ``model``, adapted on the context by `adapt`.
 
     Args:
-        model: a causal LM ``ids [B, S] -> logits [B, S, V]`` made of `MoELayer`s (e.g. the ablation `TinyLM`).
+        model: a causal LM ``ids [B, S] -> logits [B, S, V]`` made of `MoELayer`s (e.g. the ablation `TinyLM`),
+            or an HF causal LM after `swap_routers` (its output's ``logits`` are read).
         layers: MoE-layer indices, or "confidence" (chosen at the first `adapt` from the routing confidence).
         num_layers: how many layers "confidence" picks (default: half of them, at least one).
         steps / lr: Adam steps per adaptation and their learning rate.
@@ -72,7 +74,7 @@ class OnlineRerouter:
 
     def _init_deltas(self) -> None:
         moe = layers_of(self.model)
-        device = moe[0].experts.w_up.device
+        device = next(moe[0].parameters()).device  # an MoELayer's experts, a swapped HF gate's router
         self.deltas = {i: torch.zeros(moe[i].num_experts, device=device, requires_grad=True) for i in self.layers}
         self._opt = torch.optim.Adam(list(self.deltas.values()), lr=self.lr)
 
@@ -158,7 +160,7 @@ def generate(model: nn.Module, prompt_BS: Tensor, max_new_tokens: int, *, rerout
                 rerouter.adapt(ids)
         ctx = ids if window is None else ids[:, -window:]
         with (rerouter.applied() if rerouter is not None else _nothing()):
-            logits_BV = model(ctx)[:, -1].float()
+            logits_BV = output_logits(model(ctx))[:, -1].float()
         if greedy:
             nxt = logits_BV.argmax(-1, keepdim=True)
         else:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..validation import check_float, check_int
-from .logits import check_layer_indices, edit_router_logits, layers_of, without_aux_gradient
+from .logits import check_layer_indices, edit_router_logits, layers_of, output_logits, without_aux_gradient
 
 STRATEGIES = ("ngd", "kernel", "mode")
 POSITIONS = ("last", "all")
@@ -161,7 +161,7 @@ def build_reference(model: nn.Module, inputs_NS: Tensor, targets_N: Tensor, laye
     for start in range(0, inputs_NS.shape[0], batch_size):
         x, y = inputs_NS[start:start + batch_size], targets_N[start:start + batch_size]
         r, e = _capture(model, x, layers, positions)
-        keep.append(is_correct(model(x), y).bool())
+        keep.append(is_correct(output_logits(model(x)), y).bool())
         routing.append(r)
         emb.append(e if embed is None else embed(x).float())
     ok = torch.cat(keep)
@@ -202,7 +202,7 @@ def neighborhood_loss(model: nn.Module, reference: R2T2Reference, neighbors_K: T
     balance losses would otherwise add their own gradient."""
     x = reference.inputs[neighbors_K]
     with _imposed(model, reference.layers, reference.positions, routing_1LPE, x.shape[0]):
-        losses_K = sample_loss(model(x), reference.targets[neighbors_K])
+        losses_K = sample_loss(output_logits(model(x)), reference.targets[neighbors_K])
     return (weights_K.to(losses_K.dtype) * losses_K).sum() / weights_K.sum()
 
 
@@ -266,7 +266,7 @@ def r2t2(model: nn.Module, inputs_BS: Tensor, reference: R2T2Reference, *, strat
         neighbors.append(idx)
     routing = torch.cat(new)
     with torch.no_grad(), _imposed(model, layers, positions, routing, inputs_BS.shape[0]):
-        output = model(inputs_BS)
+        output = output_logits(model(inputs_BS))
     return R2T2Result(routing, routing0, torch.stack(neighbors), output,
                       torch.tensor(alphas, dtype=torch.float64) if alphas else None)
 
