@@ -29,6 +29,8 @@ def _check_outputs(out: Path, routers: list[str], seeds: list[int]) -> dict:
         assert float(r["tokens_per_s"]) > 0 and int(r["active_params"]) <= int(r["total_params"])
     results = json.loads((out / "results.json").read_text())
     assert [r["router"] for r in results["routers"]] == routers
+    md = (out / "results.md").read_text()  # the docs' tables, written by the same run
+    assert all(f"| {r} |" in md for r in routers) and results["meta"]["library_digest"] in md
     for png in ("val_loss.png", "val_loss_vs_compute.png", "expert_load.png", "remoe_controller.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for router in routers:

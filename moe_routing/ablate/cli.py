@@ -19,11 +19,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..settings import launcher_local_rank
-from .checkpoint import remove_stale_temporaries
+from .checkpoint import atomic_write_text, remove_stale_temporaries
 from .config import PRESETS, Preset, get_preset
 from .data import Corpus, check_tokenizer_spec, load_corpus
 from .lock import FolderInUseError, folder_lock
 from .registry import ROUTER_BUILDERS, check_router_names
+from .report import format_markdown
 from .results import aggregate, format_table, write_results
 from .parallel import Parallel, check_batch, init_parallel, launched_by_torchrun, rank0_first
 from .train import library_digest, load_data, train_run
@@ -221,8 +222,10 @@ def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: 
             "jobs": preset.jobs if parallel is None else 1,
             "wall_s_this_invocation": time.perf_counter() - t0}
     csv_path, json_path = write_results(out, rows, runs, meta)
+    md_path = out / "results.md"
+    atomic_write_text(md_path, format_markdown(rows, meta) + "\n")
     say("\n" + format_table(rows))
-    say(f"\nresults: {csv_path}, {json_path}")
+    say(f"\nresults: {csv_path}, {json_path}, {md_path}")
     if not args.no_plots:
         from .plots import make_plots
 

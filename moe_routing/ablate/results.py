@@ -20,7 +20,7 @@ COLUMNS = ["router", "seeds", "val_loss_mean", "val_loss_std", "val_loss_min", "
            "iso_ci95_lo", "iso_ci95_hi", "iso_verdict",
            "tokens_per_s", "active_params", "total_params", "experts_per_token_train_avg",
            "expert_mflops_per_token_train_avg", "final_experts_per_token", "final_sparsity", "final_max_vio",
-           "final_routing_entropy"]
+           "final_routing_entropy", "train_cpu_s_mean"]
 
 
 def _mean(values: list) -> Optional[float]:
@@ -54,6 +54,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
             "final_sparsity": _mean([r["final_sparsity"] for r in rs if r.get("final_max_vio") is not None]),
             "final_max_vio": _mean([r["final_max_vio"] for r in rs]),
             "final_routing_entropy": _mean([r["final_routing_entropy"] for r in rs]),
+            "train_cpu_s_mean": _mean([r.get("train_cpu_s") for r in rs]),  # None for runs recorded before it
             **(_claim_columns(name, rs, topk) if name != BASELINE else {}),
         })
     return rows
