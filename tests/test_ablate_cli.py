@@ -195,7 +195,7 @@ def test_verify_reruns_a_finished_run_bitwise_and_names_the_first_divergent_step
     assert "result.json not found" in capsys.readouterr().err
 
 
-_TIMING_KEYS = ("tokens_per_s", "train_time_s", "train_cpu_s", "content_sha256")
+_TIMING_KEYS = ("tokens_per_s", "train_time_s", "train_cpu_s", "train_cpu_s_mean", "content_sha256")
 
 
 @pytest.mark.slow  # spawns two worker processes that import torch (~10-20 s)

@@ -71,7 +71,7 @@ def test_grid_preset_and_base_parameters():
 
 def test_sweep_end_to_end(tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--preset", "smoke", "--steps", "3", "--widths", "16,32", "--experts", "1,2,4",
+    argv = ["sweep", "--preset", "smoke", "--steps", "3", "--widths", "16,32", "--experts", "1,2,4", "--jobs", "1",
             "--out", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out

@@ -23,6 +23,7 @@ from .checkpoint import atomic_write_text, remove_stale_temporaries
 from .config import PRESETS, Preset, get_preset
 from .data import Corpus, check_tokenizer_spec, load_corpus
 from .lock import FolderInUseError, folder_lock
+from .jobs import RunTask, train_runs
 from .registry import ROUTER_BUILDERS, check_router_names
 from .report import format_markdown
 from .results import aggregate, format_table, write_results
@@ -198,12 +199,13 @@ def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: 
         say(f"  {result['router']:10s} seed {result['seed']}: val loss {result['final_val_loss']:.4f}  "
             f"({result['tokens_per_s']:.0f} tok/s)", flush=True)
 
-    if parallel is None and preset.jobs > 1 and len(pairs) > 1:
-        from .jobs import train_runs_in_workers
-
-        say(f"moe-ablate: {len(pairs)} runs, {min(preset.jobs, len(pairs))} at a time", flush=True)
-        runs = train_runs_in_workers(preset, pairs, data, out, str(device), digest, preset.jobs, report)
-    else:
+    if parallel is None:
+        jobs = min(preset.jobs, len(pairs))
+        if jobs > 1:
+            say(f"moe-ablate: {len(pairs)} runs, {jobs} at a time", flush=True)
+        tasks = [RunTask(preset, r, seed, out / r / f"seed{seed}") for r, seed in pairs]
+        runs = train_runs(tasks, data, str(device), digest, jobs, not args.no_progress, report)
+    else:  # every rank trains every run together
         for r, seed in pairs:
             runs.append(train_run(preset, r, seed, data, out / f"{r}" / f"seed{seed}", device=str(device),
                                   progress=not args.no_progress, digest=digest, parallel=parallel))

