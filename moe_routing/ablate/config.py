@@ -164,12 +164,15 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(name="smoke", d_model=32, n_layers=2, n_heads=2, num_experts=4, top_k=1, expert_hidden=32,
                     seq_len=32, global_batch=4, micro_batch=4, steps=20, lr=3e-3, min_lr=3e-4, warmup_frac=0.1,
                     eval_interval=10, eval_batches=2, log_interval=5, ckpt_interval=10, threads=1),
-    # 6 routers x 3 seeds: 4 min 6 s measured on the 2-core VM (243 s CPU; 8 min 15 s under a load average of
-    # 20-40). One thread: at this size two threads on two shared cores mostly wait on each other.
+    # 1,000 steps, two runs at a time (the wall time of one process doing 500). At 500 steps TopK's seed std was
+    # 0.093 (5 seeds): Mixtral-gated top-2 sits on a loss plateau near 3.2 nats for 75-150 steps, the seeds
+    # leave it at different times and the late ones end worse (more unevenly loaded); by 1,000 steps that
+    # start is a small part of training and the std is 0.023 (docs/ablations.md). One thread per run: at
+    # this size two threads on two shared cores mostly wait on each other.
     "quick": Preset(name="quick", d_model=64, n_layers=2, n_heads=4, num_experts=8, top_k=2, expert_hidden=128,
-                    seq_len=64, global_batch=16, micro_batch=16, steps=500, lr=3e-3, min_lr=3e-4,
+                    seq_len=64, global_batch=16, micro_batch=16, steps=1000, lr=3e-3, min_lr=3e-4,
                     warmup_frac=0.05, init_std=0.02, eval_interval=50, eval_batches=8, log_interval=10,
-                    ckpt_interval=100, threads=1),
+                    ckpt_interval=200, threads=1, jobs=2),
     # 46 min 23 s measured on the same CPU (6 routers x 3 seeds): 4x the tokens per run of quick on a
     # 4-layer model, long enough that TopK's slow start and ReMoE's dense warm-up are a small part of training
     "cpu-full": Preset(name="cpu-full", d_model=96, n_layers=4, n_heads=4, num_experts=8, top_k=2,
