@@ -15,6 +15,8 @@ Variants
                  exactly T*k/E rows per expert and no routing, as torch.bmm on [E, T*k/E, D]
   floor_grouped  the same floor as one torch._grouped_mm per projection (its built-in autograd)
   floor          whichever of the two floors has the lower median (the honest floor for routing overhead)
+  floor_same_loads  floor_grouped with the layer's own per-expert row counts on x instead of T*k/E each: what
+                 the expert matmuls cost with the router's actual (uneven) split
   dense          one expert-sized SwiGLU FFN over T*k rows (x repeated k times): the same active FLOPs
   router_gemm    the router's logits GEMM x @ W^T alone, forward and its two backward GEMMs (dense [T, E]
                  gradient, as the softmax aux loss gives): T*E*D work any dense router does, which the floor lacks
@@ -76,12 +78,12 @@ D, FFN, K = 512, 1024, 2
 EXPERTS = (8, 64)
 T_FULL, T_QUICK = 8192, 1024
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_VARIANTS = ("moe", "moe_loop", "floor_bmm", "floor_grouped", "dense", "router_gemm", "hf_grouped", "hf_eager")
+ALL_VARIANTS = ("moe", "moe_loop", "floor_bmm", "floor_grouped", "floor_same_loads", "dense", "router_gemm", "hf_grouped", "hf_eager")
 DEFAULT_VARIANTS = ("moe", "floor_bmm", "floor_grouped", "dense", "hf_grouped", "hf_eager")
-FLOORS = ("floor_bmm", "floor_grouped")
+FLOORS = ("floor_bmm", "floor_grouped")  # balanced floors; floor_same_loads is reported beside them
 # --fine: fine-grained experts (E up to 512 at fixed active compute), the layer against the floor only
 FINE_D, FINE_FFN, FINE_EXPERTS = 256, 512, (8, 128, 256, 512)
-FINE_VARIANTS = ("moe", "floor_bmm", "floor_grouped", "router_gemm")
+FINE_VARIANTS = ("moe", "floor_bmm", "floor_grouped", "floor_same_loads", "router_gemm", "hf_grouped")
 
 
 @dataclass
@@ -168,6 +170,22 @@ def build_case(T: int, E: int, names: Sequence[str] = DEFAULT_VARIANTS, seed: in
             h = F.silu(torch._grouped_mm(x_rows, wg, offs=offs)) * torch._grouped_mm(x_rows, wu, offs=offs)
             torch._grouped_mm(h, wd, offs=offs).backward(dy_rows)
         out["floor_grouped"] = Variant("", floor_grouped, [x_rows, wg, wu, wd])
+    if "floor_same_loads" in names:
+        # the layer's own per-expert row counts on x (a random router at E=256 gives some experts 2x the mean):
+        # what the expert matmuls cost with the router's actual loads, so that moe / this floor isolates the
+        # routing work from the GEMM efficiency lost to an uneven split, which the router's decisions set
+        with torch.no_grad():
+            layer(x)
+        counts = layer.last_stats["tokens_per_expert"].long()
+        if int(counts.sum()) != T * K:
+            raise AssertionError(f"the layer routed {int(counts.sum())} pairs, expected T*k={T * K} (dropless)")
+        same_offs = counts.cumsum(0).to(torch.int32)
+
+        def floor_same_loads():
+            h = (F.silu(torch._grouped_mm(x_rows, wg, offs=same_offs))
+                 * torch._grouped_mm(x_rows, wu, offs=same_offs))
+            torch._grouped_mm(h, wd, offs=same_offs).backward(dy_rows)
+        out["floor_same_loads"] = Variant("", floor_same_loads, [x_rows, wg, wu, wd])
     if "dense" in names:
         dg, du, dd = (w[0].detach().clone().requires_grad_() for w in (ex.w_gate, ex.w_up, ex.w_down))
 
