@@ -91,11 +91,12 @@ class CompeteRouter(GatedRouter):
         return [SwitchAuxLoss(1e-2), CompeteDistillLoss(1e-2)]
 
     # --- the schedule ---
-    def get_extra_state(self) -> dict:
-        return {"steps": self.steps}
+    # a tensor, not a dict: checkpoint formats such as safetensors (moe-ablate's) store tensors only
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(self.steps, dtype=torch.int64)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.steps = int(state["steps"])
+    def set_extra_state(self, state) -> None:
+        self.steps = int(state["steps"] if isinstance(state, dict) else state)
 
     def step_statistics(self) -> Optional[Tensor]:
         return torch.zeros(0, dtype=torch.float64)  # nothing to reduce: the step only advances the schedule
