@@ -29,6 +29,22 @@ def test_fit_recovers_exact_coefficients():
     assert fit.effective_params(1e6, 1) == pytest.approx(1e6)
     assert fit.effective_params(1e6, 8) > 1e6
     np.testing.assert_allclose(fit.predict(N, E), L, rtol=1e-9)
+    assert fit.n_effect_resolved()
+
+
+def test_effective_parameters_need_a_resolved_n_effect():
+    """With the loss flat in N (a ~ 0 inside seed noise) dividing by a would turn any E effect into unbounded
+    parameter counts: the fit says the N effect is not resolved instead."""
+    rng = np.random.default_rng(1)
+    N, E = _grid()
+    rising = np.exp(0.01 * np.log(N) - 0.05 * np.log(E) + 2.0 + rng.normal(0, 0.002, N.size))
+    assert not fit_routed_scaling(N, E, rising).n_effect_resolved()
+    # a = -0.002 inside noise of 0.05: the interval of a contains 0
+    noisy = np.exp(-0.002 * np.log(N) - 0.05 * np.log(E) + 2.0 + rng.normal(0, 0.05, N.size))
+    fit = fit_routed_scaling(N, E, noisy)
+    assert abs(fit.a) < 3 * fit.stderr[0] and not fit.n_effect_resolved()
+    falling = np.exp(-0.08 * np.log(N) - 0.05 * np.log(E) + 2.0 + rng.normal(0, 0.002, N.size))
+    assert fit_routed_scaling(N, E, falling).n_effect_resolved()
 
 
 def test_standard_errors_equal_the_least_squares_formula():

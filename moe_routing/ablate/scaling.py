@@ -54,8 +54,20 @@ class ScalingFit:
         ln, le = np.log(np.asarray(N, dtype=np.float64)), self._log_e(E)
         return np.exp(self.a * ln + self.b * le + self.c * ln * le + self.d)
 
+    def n_effect_resolved(self, confidence: float = 0.95) -> bool:
+        """Whether the fit shows loss falling with N: ``a < 0`` with its t-interval (``n_points - 4`` degrees
+        of freedom) excluding 0. Effective parameter counts divide by ``a``; with ``a`` indistinguishable from
+        0 they are meaningless (any E effect would be worth unbounded parameters)."""
+        if self.stderr is None or self.n_points <= 4:
+            return False
+        from scipy import stats
+
+        t = stats.t.ppf(0.5 + confidence / 2, self.n_points - 4)
+        return self.a + t * self.stderr[0] < 0
+
     def effective_params(self, N, E) -> np.ndarray:
-        """The dense parameter count with the loss the routed model (N, E) is predicted to reach."""
+        """The dense parameter count with the loss the routed model (N, E) is predicted to reach (check
+        `n_effect_resolved` first: it is only meaningful when the loss measurably falls with N)."""
         ln, le = np.log(np.asarray(N, dtype=np.float64)), self._log_e(E)
         return np.exp(ln + (self.b * le + self.c * ln * le) / self.a)
 

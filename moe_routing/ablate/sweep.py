@@ -73,14 +73,20 @@ def run_sweep(base: Preset, router: str, widths: Sequence[int], experts: Sequenc
         keys = sorted(means)
         fit = fit_routed_scaling([k[0] for k in keys], [k[1] for k in keys],
                                  [sum(means[k]) / len(means[k]) for k in keys], *(saturate or (None, None)))
-        effective = [{"N": n, "experts": e, "effective_N": float(fit.effective_params(n, e))} for n, e in keys]
+        resolved = fit.n_effect_resolved()
+        effective = [{"N": n, "experts": e, "effective_N": float(fit.effective_params(n, e)) if resolved else None}
+                     for n, e in keys]
         summary = {"router": router, "preset": base.name, "points": points,
                    "fit": {"a": fit.a, "b": fit.b, "c": fit.c, "d": fit.d, "stderr": fit.stderr,
                            "residual_std": fit.residual_std, "n_points": fit.n_points, "saturate": saturate},
                    "effective_params": effective, "library_digest": digest}
         atomic_write_json(out / "sweep.json", summary)
-        lines = fit.lines() + [f"  N={x['N']:>9,d} E={x['experts']:3d}: effective parameters "
-                                f"{x['effective_N']:,.0f} ({x['effective_N'] / x['N']:.2f}x)" for x in effective]
+        if resolved:
+            lines = fit.lines() + [f"  N={x['N']:>9,d} E={x['experts']:3d}: effective parameters "
+                                    f"{x['effective_N']:,.0f} ({x['effective_N'] / x['N']:.2f}x)" for x in effective]
+        else:
+            lines = fit.lines() + ["  effective parameters: not resolvable (the 95% interval of a contains 0 or "
+                                   "lies above it: loss does not measurably fall with N on this grid)"]
         print("\n".join(lines))
         if plots:
             from .plots import plot_scaling
