@@ -267,6 +267,17 @@ def naive_moe(x, ex, pairs):
     return torch.stack(rows)
 
 
+def assert_output_and_grads_close(y, y_ref, inputs, ref_inputs, rtol=1e-9, atol=1e-11):
+    """``y`` equals the naive ``y_ref`` (float64: rtol 1e-10) and so do the gradients of one random output
+    gradient with respect to ``inputs`` and their reference leaves ``ref_inputs``, in order."""
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(inputs), dy)
+    grads_ref = torch.autograd.grad(y_ref, list(ref_inputs), dy)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+
+
 # ---- the recurrent router: torch.nn.GRUCell's equations written out ------------------------------------------------
 def naive_gru_token(x_P, h_P, w_ih, w_hh, b_ih, b_hh):
     """torch.nn.GRUCell's equations for one token, gate by gate (rows of w_ih / w_hh are r, z, n)."""

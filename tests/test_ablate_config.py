@@ -22,6 +22,8 @@ def test_lr_schedule_warmup_and_cosine():
     (dict(seeds=(True,)), "seeds must be a non-empty tuple of ints"),
     (dict(seeds=(1, 1)), "seeds must be distinct"),
     (dict(threads=True), "threads must be an int >= 0"),
+    (dict(jobs=0), "jobs must be a positive int"),
+    (dict(jobs=True), "jobs must be a positive int"),
     (dict(steps=True), "steps must be a positive int, got True"),
     (dict(lr=float("nan")), "lr must be a finite number"),
     (dict(lr=True), "lr must be a finite number"),

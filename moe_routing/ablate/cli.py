@@ -207,7 +207,7 @@ def _sweep(args: argparse.Namespace, preset: Preset, device: torch.device, out: 
         runs = train_runs(tasks, data, str(device), digest, jobs, not args.no_progress, report)
     else:  # every rank trains every run together
         for r, seed in pairs:
-            runs.append(train_run(preset, r, seed, data, out / f"{r}" / f"seed{seed}", device=str(device),
+            runs.append(train_run(preset, r, seed, data, out / r / f"seed{seed}", device=str(device),
                                   progress=not args.no_progress, digest=digest, parallel=parallel))
             report(runs[-1])
     rows = aggregate(runs)
