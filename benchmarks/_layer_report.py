@@ -2,6 +2,10 @@
 (``fine_markdown``: the layer against the balanced-expert floor as E grows at fixed active compute)."""
 from __future__ import annotations
 
+import math
+import statistics
+from typing import Optional
+
 
 def markdown(payload: dict) -> str:
     m, c = payload["machine"], payload["config"]
@@ -40,60 +44,85 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The median of ``values`` and a distribution-free interval for it (order statistics of the sign test: at
+    least ``level`` coverage, whatever the distribution of the rounds)."""
+    xs, n = sorted(values), len(values)
+    med = statistics.median(xs)
+    # the widest symmetric pair of ranks (j, n-1-j) whose binomial(n, 1/2) coverage is still >= level
+    j = 0
+    while j + 1 < n - 1 - (j + 1) and 1 - 2 * sum(math.comb(n, i) for i in range(j + 2)) / 2 ** n >= level:
+        j += 1
+    return med, xs[j], xs[n - 1 - j]
+
+
+def _paired(res: dict, num: str, den: tuple[str, ...]) -> Optional[tuple[float, float, float]]:
+    """Median and interval of the per-round ratio ``num / sum(den)`` (the same rounds, so drift cancels)."""
+    v = res["variants"]
+    if num not in v or any(d not in v for d in den):
+        return None
+    rounds = zip(v[num]["times_s"], *(v[d]["times_s"] for d in den))
+    return median_ci([t[0] / sum(t[1:]) for t in rounds])
+
+
+def _cell(r: Optional[tuple[float, float, float]]) -> str:
+    return "-" if r is None else f"{r[0]:.3f}x [{r[1]:.3f}, {r[2]:.3f}]"
+
+
 def fine_markdown(payload: dict) -> str:
     m, c = payload["machine"], payload["config"]
     load = payload.get("load_before", [0.0]), payload.get("load_after", [0.0])
+    alloc = payload.get("allocator_env") or {}
+    alloc_text = ", ".join(f"{k}={v}" for k, v in alloc.items()) or "glibc malloc defaults"
     lines = [f"MoELayer fwd+bwd against the balanced-expert floor, fine-grained experts: T={c['T']}, D={c['D']}, "
-             f"F={c['F']}, k={c['k']}, fp32, default losses (SwitchAuxLoss) and stats, median of {c['rounds']} "
-             f"interleaved rounds. {payload['date']}; {m['nproc']} CPUs ({m['cpu_model']}), torch {m['torch']} "
-             f"({m['torch_threads']} threads); load average {load[0][0]:.1f} before, {load[1][0]:.1f} after; "
-             f"moe_routing at {payload.get('library_commit') or 'unknown commit'}.", "",
-             "| E | rows/expert | moe ms | floor ms | floor | moe / floor | paired | CPU moe / floor | router GEMM ms "
-             "| same-loads floor ms | uneven-load cost | routing overhead | CPU routing overhead | moe / HF "
-             "| load max/mean |",
-             "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    ratio, overhead = {}, {}
+             f"F={c['F']}, k={c['k']}, fp32, default losses (SwitchAuxLoss) and stats, {c['rounds']} interleaved "
+             f"rounds. {payload['date']}; {m['nproc']} CPUs ({m['cpu_model']}), torch {m['torch']} "
+             f"({m['torch_threads']} threads); allocator: {alloc_text}; load average {load[0][0]:.1f} before, "
+             f"{load[1][0]:.1f} after; moe_routing at {payload.get('library_commit') or 'unknown commit'}.", "",
+             "| E | rows/expert | load max/mean | moe ms | floor ms | moe / floor | router GEMM: ms, share of floor "
+             "(of FLOPs) | moe / (floor + router GEMM) | moe_balanced / (floor + router GEMM) | moe / moe_balanced "
+             "| moe / HF |",
+             "|---:|---:|---:|---:|---:|---|---|---|---|---|---|"]
+    verdicts: dict[str, dict[int, tuple[float, float, float]]] = {"floor": {}, "routed": {}, "balanced": {}}
     for E, res in payload["results"].items():
         v, f = res["variants"], res.get("floor")
         if "moe" not in v or f is None:
             continue
-        r = res["moe_over"]["floor"]
-        ratio[int(E)] = r["of_medians"]
-        g, same = v.get("router_gemm"), v.get("floor_same_loads")
-        cells = ["-"] * 4
-        if g is not None:
-            cells[0] = f"{g['median_s'] * 1e3:.1f}"
-        if same is not None:
-            cells[1] = f"{same['median_s'] * 1e3:.0f}"
-            cells[2] = f"{same['median_s'] / v[f]['median_s']:.3f}x"
-        if g is not None and same is not None:
-            overhead[int(E)] = v["moe"]["median_s"] / (same["median_s"] + g["median_s"])
-            cpu = v["moe"]["cpu_median_s"] / (same["cpu_median_s"] + g["cpu_median_s"])
-            cells[3] = f"{overhead[int(E)]:.3f}x | {cpu:.3f}x"
-        else:
-            cells[3] = "- | -"
-        hf = res["moe_over"].get("hf_grouped", {}).get("of_medians")
-        lines.append(f"| {E} | {c['T'] * c['k'] // int(E)} | {v['moe']['median_s'] * 1e3:.0f} | "
-                     f"{v[f]['median_s'] * 1e3:.0f} | {f} | {r['of_medians']:.3f}x | {r['paired']:.3f}x | "
-                     f"{r['cpu_of_medians']:.3f}x | {' | '.join(cells)} | "
-                     f"{'-' if hf is None else f'{hf:.3f}x'} | {res['load_max_over_mean']:.2f} |")
-    lines += ["", "floor: the faster (lower median) of floor_bmm and floor_grouped, the expert matmuls alone with "
-              "exactly T*k/E rows per expert and no routing. moe / floor: ratio of wall-time medians; paired: median "
-              "of per-round ratios; CPU: ratio of process-CPU-time medians (with 1 thread the least disturbed by "
-              "other jobs on a shared machine). router GEMM: the router's x @ W^T forward and backward alone "
-              "(T*E*D work that grows with E, which any dense router does and the floor leaves out). same-loads "
-              "floor: the grouped expert matmuls with the router's actual per-expert rows (load max/mean) instead "
-              "of T*k/E each; uneven-load cost = same-loads floor / floor, the GEMM efficiency an uneven split "
-              "loses (set by the router's decisions, not by the layer's code). routing overhead = moe / (same-loads "
-              "floor + router GEMM): everything the layer adds beyond its unavoidable matmuls (softmax, top-k, "
-              "aux loss, stats, sort, permute, combine, metadata). moe / HF: against Hugging Face's Qwen3-MoE "
-              "block (grouped_mm experts, same weights and routing; no aux loss or stats) in the same rounds."]
-    if 8 in ratio:
-        for E in sorted(e for e in ratio if e > 8):
-            verdict = "met" if ratio[E] <= ratio[8] else "missed"
-            line = f"- E={E}: moe/floor {ratio[E]:.3f}x vs {ratio[8]:.3f}x at E=8 (goal: no higher; {verdict})"
-            if E in overhead and 8 in overhead:
-                ok = "no higher" if overhead[E] <= overhead[8] else "higher"
-                line += f"; routing overhead {overhead[E]:.3f}x vs {overhead[8]:.3f}x ({ok})"
-            lines.append(line)
+        e = int(E)
+        r = {"floor": _paired(res, "moe", (f,)), "routed": _paired(res, "moe", (f, "router_gemm")),
+             "balanced": _paired(res, "moe_balanced", (f, "router_gemm"))}
+        for key, val in r.items():
+            if val is not None:
+                verdicts[key][e] = val
+        g = v.get("router_gemm")
+        flop_share = e / (3 * c["k"] * c["F"])  # router 6*T*E*D vs SwiGLU experts 18*T*k*D*F, fwd+bwd
+        gemm = ("-" if g is None else f"{g['median_s'] * 1e3:.1f} ms, {g['median_s'] / v[f]['median_s']:.1%} "
+                f"({flop_share:.1%})")
+        lines.append(f"| {E} | {c['T'] * c['k'] // e} | {res['load_max_over_mean']:.2f} | "
+                     f"{v['moe']['median_s'] * 1e3:.0f} | {v[f]['median_s'] * 1e3:.0f} ({f}) | {_cell(r['floor'])} | "
+                     f"{gemm} | {_cell(r['routed'])} | {_cell(r['balanced'])} | "
+                     f"{_cell(_paired(res, 'moe', ('moe_balanced',)))} | {_cell(_paired(res, 'moe', ('hf_grouped',)))} |")
+    lines += ["", "Ratios: median over rounds of the per-round ratio, with a distribution-free 95% interval (sign-test "
+              "order statistics). floor: the faster (lower median) of floor_bmm and floor_grouped, the SwiGLU expert "
+              "matmuls alone with exactly T*k/E rows per expert and no routing. router GEMM: the router's x @ W^T "
+              "forward and backward alone: T*E*D work every routed layer does and the floor leaves out; its FLOP "
+              "share of the expert matmuls is E/(3kF), so moe / floor must grow with E by about that share whatever "
+              "the layer does. moe_balanced: the same layer replaying a routing with exactly T*k/E tokens per "
+              "expert; moe_balanced / (floor + router GEMM) is what the layer adds beyond the matmuls any routed "
+              "layer does (softmax, top-k or the replayed gather, aux loss, stats, sort, permute, combine, the "
+              "grouped matmul's per-expert bookkeeping). moe / moe_balanced: the cost of the router's uneven split "
+              "(a property of its decisions). moe / HF: Hugging Face's Qwen3-MoE block (grouped_mm experts, same "
+              "weights and routing; no aux loss or stats) in the same rounds."]
+    names = {"floor": "moe / floor", "routed": "moe / (floor + router GEMM)",
+             "balanced": "moe_balanced / (floor + router GEMM)"}
+    for key, label in names.items():
+        got = verdicts[key]
+        if 8 not in got:
+            continue
+        for e in sorted(x for x in got if x > 8):
+            (m8, lo8, hi8), (me, lo, hi) = got[8], got[e]
+            verdict = ("no higher" if me <= m8 else
+                       "higher, intervals overlap" if lo <= hi8 else "higher, intervals disjoint")
+            lines.append(f"- {label}: E={e} {me:.3f}x [{lo:.3f}, {hi:.3f}] vs E=8 {m8:.3f}x [{lo8:.3f}, {hi8:.3f}]: "
+                         f"{verdict}")
     return "\n".join(lines)

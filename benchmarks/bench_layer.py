@@ -15,8 +15,10 @@ Variants
                  exactly T*k/E rows per expert and no routing, as torch.bmm on [E, T*k/E, D]
   floor_grouped  the same floor as one torch._grouped_mm per projection (its built-in autograd)
   floor          whichever of the two floors has the lower median (the honest floor for routing overhead)
-  floor_same_loads  floor_grouped with the layer's own per-expert row counts on x instead of T*k/E each: what
-                 the expert matmuls cost with the router's actual (uneven) split
+  floor_same_loads  the layer's own expert module on the router's per-expert row counts instead of T*k/E each:
+                 what the layer's expert matmuls cost with the router's actual (uneven) split
+  moe_balanced   the same layer replaying a routing that gives every expert exactly T*k/E tokens: all the routing
+                 work, an even split (moe / moe_balanced = the cost of the router's uneven split)
   dense          one expert-sized SwiGLU FFN over T*k rows (x repeated k times): the same active FLOPs
   router_gemm    the router's logits GEMM x @ W^T alone, forward and its two backward GEMMs (dense [T, E]
                  gradient, as the softmax aux loss gives): T*E*D work any dense router does, which the floor lacks
@@ -52,6 +54,7 @@ Commands
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import functools
 import gc
@@ -59,7 +62,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,18 +74,19 @@ from torch import Tensor
 import moe_routing as mr
 from _layer_memory import peak_alloc_bytes, saved_bytes
 from _layer_report import fine_markdown, markdown
-from _machine import cpu_count, cpu_model
+from _machine import allocator_env, cpu_count, cpu_model, library_commit
 
 D, FFN, K = 512, 1024, 2
 EXPERTS = (8, 64)
 T_FULL, T_QUICK = 8192, 1024
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_VARIANTS = ("moe", "moe_loop", "floor_bmm", "floor_grouped", "floor_same_loads", "dense", "router_gemm", "hf_grouped", "hf_eager")
+ALL_VARIANTS = ("moe", "moe_loop", "moe_balanced", "floor_bmm", "floor_grouped", "floor_same_loads", "dense", "router_gemm", "hf_grouped", "hf_eager")
 DEFAULT_VARIANTS = ("moe", "floor_bmm", "floor_grouped", "dense", "hf_grouped", "hf_eager")
 FLOORS = ("floor_bmm", "floor_grouped")  # balanced floors; floor_same_loads is reported beside them
 # --fine: fine-grained experts (E up to 512 at fixed active compute), the layer against the floor only
 FINE_D, FINE_FFN, FINE_EXPERTS = 256, 512, (8, 128, 256, 512)
-FINE_VARIANTS = ("moe", "floor_bmm", "floor_grouped", "floor_same_loads", "router_gemm", "hf_grouped")
+FINE_VARIANTS = ("moe", "moe_balanced", "floor_bmm", "floor_grouped", "floor_same_loads", "router_gemm",
+                 "hf_grouped")
 
 
 @dataclass
@@ -171,21 +174,30 @@ def build_case(T: int, E: int, names: Sequence[str] = DEFAULT_VARIANTS, seed: in
             torch._grouped_mm(h, wd, offs=offs).backward(dy_rows)
         out["floor_grouped"] = Variant("", floor_grouped, [x_rows, wg, wu, wd])
     if "floor_same_loads" in names:
-        # the layer's own per-expert row counts on x (a random router at E=256 gives some experts 2x the mean):
-        # what the expert matmuls cost with the router's actual loads, so that moe / this floor isolates the
-        # routing work from the GEMM efficiency lost to an uneven split, which the router's decisions set
+        # the layer's own expert module (a copy) on the router's per-expert row counts (a random router at E=256
+        # gives some experts 2x the mean): what the layer's expert matmuls cost with its actual, uneven split
         with torch.no_grad():
             layer(x)
         counts = layer.last_stats["tokens_per_expert"].long()
         if int(counts.sum()) != T * K:
             raise AssertionError(f"the layer routed {int(counts.sum())} pairs, expected T*k={T * K} (dropless)")
-        same_offs = counts.cumsum(0).to(torch.int32)
+        same = copy.deepcopy(layer.experts)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
         def floor_same_loads():
-            h = (F.silu(torch._grouped_mm(x_rows, wg, offs=same_offs))
-                 * torch._grouped_mm(x_rows, wu, offs=same_offs))
-            torch._grouped_mm(h, wd, offs=same_offs).backward(dy_rows)
-        out["floor_same_loads"] = Variant("", floor_same_loads, [x_rows, wg, wu, wd])
+            same(x_rows, counts, offsets).backward(dy_rows)
+        out["floor_same_loads"] = Variant("", floor_same_loads, [x_rows, *same.parameters()])
+    if "moe_balanced" in names:
+        # the same layer with every expert routed exactly T*k/E tokens (token t replays experts (t*k + j) mod E):
+        # the routing work is all there (logits, gates from the scores, aux loss, stats, sort, permute, combine),
+        # only the split is even, so moe / moe_balanced is what the router's uneven split costs
+        balanced_T1K = ((torch.arange(T)[:, None] * K + torch.arange(K)) % E)[:, None, :]
+
+        def moe_balanced():
+            with mr.replay_routing(layer, balanced_T1K):
+                y = layer(x)
+            y.backward(dy)
+        out["moe_balanced"] = Variant("", moe_balanced, [x, *layer.parameters()])
     if "dense" in names:
         dg, du, dd = (w[0].detach().clone().requires_grad_() for w in (ex.w_gate, ex.w_up, ex.w_down))
 
@@ -293,17 +305,6 @@ def measure(T: int, E: int, rounds: int, names: Sequence[str], memory: bool = Tr
     return res
 
 
-def library_commit() -> Optional[str]:
-    """The commit moe_routing was measured at, "+dirty" when its files differ from it (None outside git)."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(mr.__file__).parent).stdout.strip()
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        return (head + ("+dirty" if git("status", "--porcelain", "--", ".") else "")) or None
-    except OSError:
-        return None
-
-
 def machine() -> dict:
     try:
         import transformers
@@ -358,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                           "losses": "default (SwitchAuxLoss 1e-2)", "stats": True, "quick": args.quick},
                "library_commit": library_commit(), "wall_s": round(time.time() - started, 1),
                "load_before": list(load_before),
-               "load_after": list(os.getloadavg()), "results": results}
+               "load_after": list(os.getloadavg()), "allocator_env": allocator_env(), "results": results}
     text = fine_markdown(payload) if args.fine else markdown(payload)
     print()
     print(text)
