@@ -69,6 +69,18 @@ def _cell(r: Optional[tuple[float, float, float]]) -> str:
     return "-" if r is None else f"{r[0]:.3f}x [{r[1]:.3f}, {r[2]:.3f}]"
 
 
+def _overhead_ms(res: dict) -> str:
+    """Per-round moe - floor_same_loads - router_gemm in ms (median, interval): the layer's own work beyond its
+    matmuls at the router's actual loads, in absolute terms (readable even where the matmuls are tiny)."""
+    v = res["variants"]
+    if not {"moe", "floor_same_loads", "router_gemm"} <= v.keys():
+        return "-"
+    per_round = [1e3 * (m - s - g) for m, s, g in zip(v["moe"]["times_s"], v["floor_same_loads"]["times_s"],
+                                                       v["router_gemm"]["times_s"])]
+    med, lo, hi = median_ci(per_round)
+    return f"{med:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
 def fine_markdown(payload: dict) -> str:
     m, c = payload["machine"], payload["config"]
     load = payload.get("load_before", [0.0]), payload.get("load_after", [0.0])
@@ -81,8 +93,8 @@ def fine_markdown(payload: dict) -> str:
              f"{load[1][0]:.1f} after; moe_routing at {payload.get('library_commit') or 'unknown commit'}.", "",
              "| E | rows/expert | load max/mean | moe ms | floor ms | moe / floor | router GEMM: ms, share of floor "
              "(of FLOPs) | moe / (floor + router GEMM) | moe_balanced / (floor + router GEMM) | moe / moe_balanced "
-             "| moe / HF |",
-             "|---:|---:|---:|---:|---:|---|---|---|---|---|---|"]
+             "| layer overhead ms | moe / HF |",
+             "|---:|---:|---:|---:|---:|---|---|---|---|---|---|---|"]
     verdicts: dict[str, dict[int, tuple[float, float, float]]] = {"floor": {}, "routed": {}, "balanced": {}}
     for E, res in payload["results"].items():
         v, f = res["variants"], res.get("floor")
@@ -101,7 +113,8 @@ def fine_markdown(payload: dict) -> str:
         lines.append(f"| {E} | {c['T'] * c['k'] // e} | {res['load_max_over_mean']:.2f} | "
                      f"{v['moe']['median_s'] * 1e3:.0f} | {v[f]['median_s'] * 1e3:.0f} ({f}) | {_cell(r['floor'])} | "
                      f"{gemm} | {_cell(r['routed'])} | {_cell(r['balanced'])} | "
-                     f"{_cell(_paired(res, 'moe', ('moe_balanced',)))} | {_cell(_paired(res, 'moe', ('hf_grouped',)))} |")
+                     f"{_cell(_paired(res, 'moe', ('moe_balanced',)))} | {_overhead_ms(res)} | "
+                     f"{_cell(_paired(res, 'moe', ('hf_grouped',)))} |")
     lines += ["", "Ratios: median over rounds of the per-round ratio, with a distribution-free 95% interval (sign-test "
               "order statistics). floor: the faster (lower median) of floor_bmm and floor_grouped, the SwiGLU expert "
               "matmuls alone with exactly T*k/E rows per expert and no routing. router GEMM: the router's x @ W^T "
@@ -111,7 +124,8 @@ def fine_markdown(payload: dict) -> str:
               "expert; moe_balanced / (floor + router GEMM) is what the layer adds beyond the matmuls any routed "
               "layer does (softmax, top-k or the replayed gather, aux loss, stats, sort, permute, combine, the "
               "grouped matmul's per-expert bookkeeping). moe / moe_balanced: the cost of the router's uneven split "
-              "(a property of its decisions). moe / HF: Hugging Face's Qwen3-MoE block (grouped_mm experts, same "
+              "(a property of its decisions) plus the top-k that replay skips. layer overhead ms: per round, moe - "
+              "floor_same_loads - router GEMM (the layer's own work beyond its matmuls at its actual loads). moe / HF: Hugging Face's Qwen3-MoE block (grouped_mm experts, same "
               "weights and routing; no aux loss or stats) in the same rounds."]
     names = {"floor": "moe / floor", "routed": "moe / (floor + router GEMM)",
              "balanced": "moe_balanced / (floor + router GEMM)"}

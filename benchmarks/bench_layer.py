@@ -17,8 +17,8 @@ Variants
   floor          whichever of the two floors has the lower median (the honest floor for routing overhead)
   floor_same_loads  the layer's own expert module on the router's per-expert row counts instead of T*k/E each:
                  what the layer's expert matmuls cost with the router's actual (uneven) split
-  moe_balanced   the same layer replaying a routing that gives every expert exactly T*k/E tokens: all the routing
-                 work, an even split (moe / moe_balanced = the cost of the router's uneven split)
+  moe_balanced   the same layer replaying a routing that gives every expert exactly T*k/E tokens: the routing work
+                 with an even split (replay reads the ids instead of running top-k: at E=256 that saves ~7 ms)
   dense          one expert-sized SwiGLU FFN over T*k rows (x repeated k times): the same active FLOPs
   router_gemm    the router's logits GEMM x @ W^T alone, forward and its two backward GEMMs (dense [T, E]
                  gradient, as the softmax aux loss gives): T*E*D work any dense router does, which the floor lacks
@@ -48,6 +48,12 @@ Commands
   .venv/bin/python benchmarks/bench_layer.py                # full: T=8192, 7 rounds, writes results/layer_cpu.*
   .venv/bin/python benchmarks/bench_layer.py --quick        # T=1024, 2 rounds, writes to /tmp (smoke check)
   .venv/bin/python benchmarks/bench_layer.py --fine --threads 1 --no-memory   # writes results/layer_fine_cpu.*
+  # the same with glibc keeping freed memory (else every 134 MB weight gradient at E=256 page-faults in, each call):
+  MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 MALLOC_TOP_PAD_=1000000000 .venv/bin/python
+      benchmarks/bench_layer.py --fine --threads 1 --no-memory --name layer_fine_cpu_cached_malloc
+  # expert matmuls negligible (F=4): the layer's own per-E cost in ms
+  ... --fine --ffn 4 --variants moe,moe_balanced,floor_bmm,floor_same_loads,router_gemm --name
+      layer_fine_cpu_routing_only
   .venv/bin/python -m pytest benchmarks/bench_layer.py --benchmark-only -q      # pytest-benchmark view
   MOE_BENCH_QUICK=1 .venv/bin/python -m pytest benchmarks/bench_layer.py --benchmark-only -q   # at T=1024
 """
@@ -189,9 +195,13 @@ def build_case(T: int, E: int, names: Sequence[str] = DEFAULT_VARIANTS, seed: in
         out["floor_same_loads"] = Variant("", floor_same_loads, [x_rows, *same.parameters()])
     if "moe_balanced" in names:
         # the same layer with every expert routed exactly T*k/E tokens (token t replays experts (t*k + j) mod E):
-        # the routing work is all there (logits, gates from the scores, aux loss, stats, sort, permute, combine),
-        # only the split is even, so moe / moe_balanced is what the router's uneven split costs
+        # the routing work is there (logits, gates from the scores, aux loss, stats, sort, permute, combine) with
+        # an even split; replay reads the ids instead of running top-k over [T, E]
         balanced_T1K = ((torch.arange(T)[:, None] * K + torch.arange(K)) % E)[:, None, :]
+        with torch.no_grad(), mr.replay_routing(layer, balanced_T1K):
+            layer(x)
+        if not bool((layer.last_stats["tokens_per_expert"] == T * K // E).all()):
+            raise AssertionError("the balanced replay did not give every expert T*k/E tokens")
 
         def moe_balanced():
             with mr.replay_routing(layer, balanced_T1K):
@@ -321,6 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--fine", action="store_true", help=f"fine-grained sweep: D={FINE_D}, F={FINE_FFN}, E in "
                    f"{FINE_EXPERTS}, variants {','.join(FINE_VARIANTS)}; writes layer_fine_cpu.*")
     p.add_argument("--tokens", type=int, help=f"T (default {T_FULL}, {T_QUICK} with --quick)")
+    p.add_argument("--ffn", type=int, help="each expert's hidden size F (default 1024; 512 with --fine); a tiny F "
+                   "(4) leaves the expert matmuls negligible, so the layer's own per-E costs stand out")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 7, 2 with --quick; >= 5 for results)")
     p.add_argument("--experts", type=int, nargs="+", help=f"E values (default {EXPERTS}; {FINE_EXPERTS} with --fine)")
     p.add_argument("--variants", help=f"comma list from {ALL_VARIANTS} (default {','.join(DEFAULT_VARIANTS)})")
@@ -335,6 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     d, ffn = (FINE_D, FINE_FFN) if args.fine else (D, FFN)
+    ffn = args.ffn or ffn
     experts = args.experts or list(FINE_EXPERTS if args.fine else EXPERTS)
     name = args.name or ("layer_fine_cpu" if args.fine else "layer_cpu")
     T = args.tokens or (T_QUICK if args.quick else T_FULL)
