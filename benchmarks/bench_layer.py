@@ -344,6 +344,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--threads", type=int, help="torch intra-op threads (1: CPU times are per-call work, and "
                    "OpenMP stalls on a busy machine are avoided)")
     args = p.parse_args(argv)
+    for flag in ("tokens", "ffn", "rounds", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be a positive integer, got {value}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     d, ffn = (FINE_D, FINE_FFN) if args.fine else (D, FFN)

@@ -80,3 +80,12 @@ def test_fine_sweep_runs_end_to_end(tmp_path, monkeypatch):
         assert all(len(v["times_s"]) == 2 for v in res["variants"].values())
     text = (tmp_path / "layer_fine_cpu.md").read_text()
     assert "moe_balanced / (floor + router GEMM): E=16" in text
+
+
+@pytest.mark.parametrize("flag", ["--tokens", "--ffn", "--rounds", "--threads"])
+def test_sizes_must_be_positive(flag, capsys):
+    import bench_layer
+
+    with pytest.raises(SystemExit):
+        bench_layer.main([flag, "0"])
+    assert f"{flag} must be a positive integer, got 0" in capsys.readouterr().err
