@@ -46,7 +46,8 @@ def markdown(payload: dict) -> str:
 
 def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
     """The median of ``values`` and a distribution-free interval for it (order statistics of the sign test: at
-    least ``level`` coverage, whatever the distribution of the rounds)."""
+    least ``level`` coverage, whatever the distribution of the rounds; below 6 values no pair of ranks reaches
+    95%, and the interval is the full range)."""
     xs, n = sorted(values), len(values)
     med = statistics.median(xs)
     # the widest symmetric pair of ranks (j, n-1-j) whose binomial(n, 1/2) coverage is still >= level
