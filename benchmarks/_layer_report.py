@@ -126,7 +126,8 @@ def fine_markdown(payload: dict) -> str:
               "layer does (softmax, top-k or the replayed gather, aux loss, stats, sort, permute, combine, the "
               "grouped matmul's per-expert bookkeeping). moe / moe_balanced: the cost of the router's uneven split "
               "(a property of its decisions) plus the top-k that replay skips. layer overhead ms: per round, moe - "
-              "floor_same_loads - router GEMM (the layer's own work beyond its matmuls at its actual loads). moe / HF: Hugging Face's Qwen3-MoE block (grouped_mm experts, same "
+              "floor_same_loads - router GEMM (the layer's own work beyond its matmuls at its actual loads). "
+              "moe / HF: Hugging Face's Qwen3-MoE block (grouped_mm experts, same "
               "weights and routing; no aux loss or stats) in the same rounds."]
     names = {"floor": "moe / floor", "routed": "moe / (floor + router GEMM)",
              "balanced": "moe_balanced / (floor + router GEMM)"}

@@ -86,7 +86,8 @@ D, FFN, K = 512, 1024, 2
 EXPERTS = (8, 64)
 T_FULL, T_QUICK = 8192, 1024
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_VARIANTS = ("moe", "moe_loop", "moe_balanced", "floor_bmm", "floor_grouped", "floor_same_loads", "dense", "router_gemm", "hf_grouped", "hf_eager")
+ALL_VARIANTS = ("moe", "moe_loop", "moe_balanced", "floor_bmm", "floor_grouped", "floor_same_loads", "dense",
+                "router_gemm", "hf_grouped", "hf_eager")
 DEFAULT_VARIANTS = ("moe", "floor_bmm", "floor_grouped", "dense", "hf_grouped", "hf_eager")
 FLOORS = ("floor_bmm", "floor_grouped")  # balanced floors; floor_same_loads is reported beside them
 # --fine: fine-grained experts (E up to 512 at fixed active compute), the layer against the floor only

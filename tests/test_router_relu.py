@@ -96,8 +96,8 @@ def test_bad_arguments():
 @pytest.mark.slow  # trains the quick ablation model (~40 s)
 def test_controller_settles_sparsity_within_two_points_on_the_quick_ablation_model(tmp_path):
     """ReMoE acceptance: `moe-ablate --preset quick --steps 500` (2-layer byte-level LM on Shakespeare, E=8, k=2,
-    500 steps, ~17 s on one CPU thread). Sparsity starts dense, the controller raises lambda until sparsity reaches the
-    target 0.75, and from step 250 on every logged value stays within 2 points of it."""
+    500 steps, ~17 s on one CPU thread). Sparsity starts dense, the controller raises lambda until sparsity
+    reaches the target 0.75, and from step 250 on every logged value stays within 2 points of it."""
     from moe_routing.ablate.cli import main
     from moe_routing.ablate.data import default_text_files
 

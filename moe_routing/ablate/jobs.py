@@ -31,8 +31,8 @@ class RunTask:
     run_dir: Path
 
 
-def _train_in_worker(task: RunTask, data: Data, device: str, digest: str) -> dict:
-    return train_run(task.preset, task.router, task.seed, data, task.run_dir, device=device, progress=False,
+def _train(task: RunTask, data: Data, device: str, digest: str, progress: bool = False) -> dict:
+    return train_run(task.preset, task.router, task.seed, data, task.run_dir, device=device, progress=progress,
                      digest=digest)
 
 
@@ -45,14 +45,13 @@ def train_runs(tasks: Sequence[RunTask], data: Data, device: str, digest: str, j
     if jobs <= 1 or len(tasks) <= 1:
         results = []
         for t in tasks:
-            results.append(train_run(t.preset, t.router, t.seed, data, t.run_dir, device=device, progress=progress,
-                                     digest=digest))
+            results.append(_train(t, data, device, digest, progress))
             if on_result is not None:
                 on_result(results[-1])
         return results
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_train_in_worker, t, data, device, digest): i for i, t in enumerate(tasks)}
+        futures = {pool.submit(_train, t, data, device, digest): i for i, t in enumerate(tasks)}
         pending, results = set(futures), {}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)

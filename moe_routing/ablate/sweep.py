@@ -81,12 +81,11 @@ def run_sweep(base: Preset, router: str, widths: Sequence[int], experts: Sequenc
                            "residual_std": fit.residual_std, "n_points": fit.n_points, "saturate": saturate},
                    "effective_params": effective, "library_digest": digest}
         atomic_write_json(out / "sweep.json", summary)
-        if resolved:
-            lines = fit.lines() + [f"  N={x['N']:>9,d} E={x['experts']:3d}: effective parameters "
-                                    f"{x['effective_N']:,.0f} ({x['effective_N'] / x['N']:.2f}x)" for x in effective]
-        else:
-            lines = fit.lines() + ["  effective parameters: not resolvable (the 95% interval of a contains 0 or "
-                                   "lies above it: loss does not measurably fall with N on this grid)"]
+        lines = fit.lines() + ([f"  N={x['N']:>9,d} E={x['experts']:3d}: effective parameters "
+                                 f"{x['effective_N']:,.0f} ({x['effective_N'] / x['N']:.2f}x)" for x in effective]
+                                if resolved else
+                                ["  effective parameters: not resolvable (the 95% interval of a contains 0 or lies "
+                                 "above it: loss does not measurably fall with N on this grid)"])
         print("\n".join(lines))
         if plots:
             from .plots import plot_scaling
