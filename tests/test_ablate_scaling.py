@@ -1,7 +1,9 @@
 """moe_routing/ablate/scaling.py and sweep.py: the routed scaling-law fit recovers known coefficients and its
-standard errors equal the textbook least-squares formula; effective parameters; a tiny `moe-ablate sweep`
-end to end."""
+standard errors equal the textbook least-squares formula; effective parameters; per-cell routed - dense effects
+against a hand-computed paired t-interval; a tiny `moe-ablate sweep` end to end."""
 import json
+import math
+import statistics
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from moe_routing.ablate import cli
 from moe_routing.ablate.config import get_preset
 from moe_routing.ablate.scaling import fit_routed_scaling, saturated_experts
-from moe_routing.ablate.sweep import base_params, grid_preset
+from moe_routing.ablate.sweep import base_params, effect_lines, expert_effects, grid_preset
 
 
 def _grid():
@@ -85,15 +87,41 @@ def test_grid_preset_and_base_parameters():
         grid_preset(base, 18, 2)
 
 
+def test_expert_effects_are_paired_over_shared_seeds():
+    dense = {0: 2.00, 1: 2.10, 2: 1.95, 3: 2.05}
+    routed = {0: 1.90, 1: 2.02, 2: 1.88}  # seed 3 missing: the pairs are over seeds 0-2
+    points = ([{"width": 32, "experts": 1, "seed": s, "final_val_loss": v} for s, v in dense.items()]
+              + [{"width": 32, "experts": 4, "seed": s, "final_val_loss": v} for s, v in routed.items()]
+              + [{"width": 48, "experts": 2, "seed": 0, "final_val_loss": 1.7},  # no dense cell at this width
+                 {"width": 64, "experts": 1, "seed": 0, "final_val_loss": 1.8},
+                 {"width": 64, "experts": 8, "seed": 0, "final_val_loss": 1.9}])
+    (a, b) = expert_effects(points)
+    d = [routed[s] - dense[s] for s in (0, 1, 2)]  # -0.10, -0.08, -0.07
+    half = 4.302652729911275 * statistics.stdev(d) / math.sqrt(3)  # t_{0.975, 2}
+    assert (a["width"], a["experts"], a["seeds"]) == (32, 4, 3)
+    assert a["mean"] == pytest.approx(sum(d) / 3, abs=1e-12)
+    assert (a["lo"], a["hi"]) == (pytest.approx(sum(d) / 3 - half, abs=1e-9), pytest.approx(sum(d) / 3 + half,
+                                                                                              abs=1e-9))
+    assert a["verdict"] == "reproduced"  # the whole interval is below 0: experts help at this cell
+    assert (b["width"], b["experts"], b["seeds"], b["lo"], b["verdict"]) == (64, 8, 1, None, "not resolvable")
+    assert b["mean"] == pytest.approx(0.1)
+    lines = effect_lines([a, b])
+    assert "D=  32 E=  4: -0.0833 [" in lines[1] and lines[1].endswith("over 3 seed(s): reproduced")
+    assert lines[2] == "  D=  64 E=  8: +0.1000 over 1 seed(s): not resolvable"
+    assert expert_effects([pt for pt in points if pt["experts"] != 1]) == [] and effect_lines([]) == []
+
+
 def test_sweep_end_to_end(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["sweep", "--preset", "smoke", "--steps", "3", "--widths", "16,32", "--experts", "1,2,4", "--jobs", "1",
             "--out", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    assert "fit on 6 points" in text and "effective parameters" in text
+    assert "fit on 6 points" in text and "effective parameters" in text and "routed - dense (E = 1)" in text
     summary = json.loads((out / "sweep.json").read_text())
     assert len(summary["points"]) == 6 and summary["fit"]["stderr"] is not None
+    assert [(x["width"], x["experts"], x["seeds"]) for x in summary["vs_dense"]] == [(16, 2, 1), (16, 4, 1),
+                                                                                     (32, 2, 1), (32, 4, 1)]
     assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["sweep", "--router", "dense", "--out", str(tmp_path / "d")]) == 2
     assert "needs a routed model" in capsys.readouterr().err

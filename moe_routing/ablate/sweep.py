@@ -23,6 +23,7 @@ from .model import count_params
 from .registry import build_model, check_router_names
 from .scaling import fit_routed_scaling
 from .jobs import RunTask, train_runs
+from .stats import paired_stats
 from .train import library_digest, load_data
 
 
@@ -40,6 +41,35 @@ def base_params(p: Preset, vocab_size: int) -> int:
         model = build_model(p, "dense", 0, vocab_size)
     embed = sum(m.weight.numel() for m in (model.embed, model.lm_head) if m is not None)
     return count_params(model, p.top_k)[1] - embed
+
+
+def expert_effects(points: Sequence[dict]) -> list[dict]:
+    """Per width and expert count E > 1: the routed model's final loss minus the dense base's (E = 1) of the
+    same seed, with the paired t-interval over the seeds both cells have (`stats.paired_stats`; no interval with
+    one seed). The fit pools the grid through a law of fixed shape; this reads each cell on its own, so an effect
+    the law cannot express (loss rising with E at one width only) still shows. Empty without E = 1 in the grid."""
+    loss = {(pt["width"], pt["experts"], pt["seed"]): pt["final_val_loss"] for pt in points}
+    out = []
+    for width, experts in sorted({(pt["width"], pt["experts"]) for pt in points}):
+        seeds = sorted(s for (w, e, s) in loss if (w, e) == (width, experts) and (width, 1, s) in loss)
+        if experts == 1 or not seeds:
+            continue
+        st = paired_stats([loss[width, experts, s] - loss[width, 1, s] for s in seeds])
+        out.append({"width": width, "experts": experts, "seeds": len(seeds), "mean": st.mean, "lo": st.lo,
+                    "hi": st.hi, "mde": st.mde, "verdict": st.verdict(-1)})
+    return out
+
+
+def effect_lines(effects: Sequence[dict]) -> list[str]:
+    """Printable lines of `expert_effects` (the verdict reads the claim "E experts beat the dense base")."""
+    if not effects:
+        return []
+    lines = ["routed - dense (E = 1) final loss, paired over seeds (95% t-interval; the claim: experts help):"]
+    for x in effects:
+        interval = "" if x["lo"] is None else f" [{x['lo']:+.4f}, {x['hi']:+.4f}], MDE {x['mde']:.4f}"
+        lines.append(f"  D={x['width']:4d} E={x['experts']:3d}: {x['mean']:+.4f}{interval} over {x['seeds']} "
+                     f"seed(s): {x['verdict']}")
+    return lines
 
 
 def run_sweep(base: Preset, router: str, widths: Sequence[int], experts: Sequence[int], seeds: Sequence[int],
@@ -79,14 +109,14 @@ def run_sweep(base: Preset, router: str, widths: Sequence[int], experts: Sequenc
         summary = {"router": router, "preset": base.name, "points": points,
                    "fit": {"a": fit.a, "b": fit.b, "c": fit.c, "d": fit.d, "stderr": fit.stderr,
                            "residual_std": fit.residual_std, "n_points": fit.n_points, "saturate": saturate},
-                   "effective_params": effective, "library_digest": digest}
+                   "effective_params": effective, "vs_dense": expert_effects(points), "library_digest": digest}
         atomic_write_json(out / "sweep.json", summary)
         lines = fit.lines() + ([f"  N={x['N']:>9,d} E={x['experts']:3d}: effective parameters "
                                  f"{x['effective_N']:,.0f} ({x['effective_N'] / x['N']:.2f}x)" for x in effective]
                                 if resolved else
                                 ["  effective parameters: not resolvable (the 95% interval of a contains 0 or lies "
                                  "above it: loss does not measurably fall with N on this grid)"])
-        print("\n".join(lines))
+        print("\n".join(lines + effect_lines(summary["vs_dense"])))
         if plots:
             from .plots import plot_scaling
 
