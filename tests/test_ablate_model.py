@@ -186,3 +186,23 @@ def test_blockffn_and_mor_builders_train_a_step(router):
         assert layer.router.steps == 1 and {"compete_step", "expert_flops_ratio"} <= set(layer.last_stats)
     else:
         assert "group_balance" in layer.last_stats and layer.router.group_weight.grad is not None
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_topk_scaled_gates_sum_to_k_at_initialisation(k):
+    """`topk_scaled` is `topk` with the gates times E (Switch gates, k=1) or k (Mixtral gates, k>=2): the same
+    weights and choices, gates summing to about k at init (exactly k for Mixtral gates)."""
+    p = get_preset("smoke").replace(top_k=k)
+    plain, scaled = build_model(p, "topk", 0, 256), build_model(p, "topk_scaled", 0, 256)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), scaled.state_dict().values()))
+    x = torch.randn(64, p.d_model)
+    d_plain, d_scaled = plain.blocks[0].ffn.router(x), scaled.blocks[0].ffn.router(x)
+    factor = p.num_experts if k == 1 else k
+    assert scaled.blocks[0].ffn.router.scaling_factor == factor
+    assert torch.equal(d_plain.expert_N, d_scaled.expert_N)
+    torch.testing.assert_close(d_scaled.weight_N, d_plain.weight_N * factor)
+    gate_sum_T = torch.zeros(64).index_add_(0, d_scaled.token_N, d_scaled.weight_N)
+    if k == 1:  # the top-1 of a softmax over E near-uniform logits (init_std 0.02) is a little above 1/E
+        assert ((gate_sum_T >= 1 - 1e-6) & (gate_sum_T < 1.5)).all()
+    else:
+        torch.testing.assert_close(gate_sum_T, torch.full((64,), float(k)))

@@ -27,13 +27,16 @@ from .model import SwiGLU, TinyLM
 Built = tuple[list[nn.Module], Optional[nn.Module]]
 
 
-def _topk_layers(p: Preset, losses_fn: Callable[[], list]) -> Built:
+def _topk_layers(p: Preset, losses_fn: Callable[[], list], gate_sum_k: bool = False) -> Built:
     # k >= 2: Mixtral gates (softmax over the k chosen logits), the same gating as the recurrent router, so
     # topk vs rmoe differs only in how logits are computed. k = 1: Switch gates (softmax over all E, then
     # top-1): a softmax over one logit is constant 1 and would leave the router no gradient from the LM loss.
+    # gate_sum_k: scale the gates so a token's gates sum to k at initialisation, as the dense FFN of hidden k*F
+    # weighs its k F-sized halves; Switch gates start at ~1/E (factor E), Mixtral gates sum to 1 (factor k).
+    factor = (p.num_experts if p.top_k == 1 else p.top_k) if gate_sum_k else 1.0
     return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
                      router=TopKRouter(p.d_model, p.num_experts, p.top_k, softmax_before_topk=p.top_k == 1,
-                                       init_std=p.init_std),
+                                       init_std=p.init_std, scaling_factor=float(factor)),
                      losses=losses_fn(), layer_idx=i) for i in range(p.n_layers)], None
 
 
@@ -44,6 +47,12 @@ def build_dense(p: Preset) -> Built:
 
 def build_topk(p: Preset) -> Built:
     return _topk_layers(p, lambda: [SwitchAuxLoss(1e-2)])
+
+
+def build_topk_scaled(p: Preset) -> Built:
+    """TopK with its gates scaled to sum to k at initialisation (`TopKRouter(scaling_factor=...)`: E for Switch
+    gates at k = 1, k for Mixtral gates): the routed FFN starts at the dense FFN's output scale."""
+    return _topk_layers(p, lambda: [SwitchAuxLoss(1e-2)], gate_sum_k=True)
 
 
 def build_relu(p: Preset) -> Built:
@@ -113,6 +122,7 @@ def build_bilevel(p: Preset) -> Built:
 ROUTER_BUILDERS: dict[str, Callable[[Preset], Built]] = {
     "dense": build_dense,
     "topk": build_topk,
+    "topk_scaled": build_topk_scaled,
     "relu": build_relu,
     "rmoe": build_rmoe,
     "topk+erc": build_topk_erc,

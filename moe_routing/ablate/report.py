@@ -9,6 +9,7 @@ from .results import BASELINE, CLAIM_SIGN
 # each router's claim against the TopK baseline, with the paper it comes from
 CLAIMS = {
     "dense": "TopK beats the dense FFN of equal active parameters (the premise of MoE)",
+    "topk_scaled": "gates scaled to sum to k at initialisation (the dense FFN's output scale) improve TopK",
     "relu": "ReMoE (ReLU routing) beats TopK at equal active compute (arXiv 2412.14711)",
     "rmoe": "RMoE (GRU router) beats TopK (arXiv 2408.06793)",
     "topk+erc": "the ERC loss improves TopK (arXiv 2512.23447; its own claim is downstream accuracy)",
