@@ -32,7 +32,7 @@ def _topk_layers(p: Preset, losses_fn: Callable[[], list], gate_sum_k: bool = Fa
     # topk vs rmoe differs only in how logits are computed. k = 1: Switch gates (softmax over all E, then
     # top-1): a softmax over one logit is constant 1 and would leave the router no gradient from the LM loss.
     # gate_sum_k: scale the gates so a token's gates sum to k at initialisation, as the dense FFN of hidden k*F
-    # weighs its k F-sized halves; Switch gates start at ~1/E (factor E), Mixtral gates sum to 1 (factor k).
+    # weighs its k F-sized blocks; Switch gates start at ~1/E (factor E), Mixtral gates sum to 1 (factor k).
     factor = (p.num_experts if p.top_k == 1 else p.top_k) if gate_sum_k else 1.0
     return [MoELayer(p.d_model, p.expert_hidden, p.num_experts, p.top_k,
                      router=TopKRouter(p.d_model, p.num_experts, p.top_k, softmax_before_topk=p.top_k == 1,

@@ -1,5 +1,6 @@
 """``moe-ablate sweep``: train one router over a grid of model widths and expert counts, then fit the routed
-scaling law of `scaling.py` to the final validation losses.
+scaling law of `scaling.py` to the final validation losses and compare each cell with the dense base of its width
+(`expert_effects`).
 
 Every grid point is the preset with ``d_model`` (and the FFN hidden in proportion) and ``num_experts`` changed,
 ``top_k = 1`` (the paper's routed models route each token to one expert), everything else frozen; E = 1 is the
