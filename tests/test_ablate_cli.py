@@ -148,7 +148,8 @@ def test_bad_argument_types(capsys):
         check_router_names(["topk", "switch"])
     with pytest.raises(ValueError, match="top_k must be <= num_experts"):
         get_preset("smoke", top_k=9)
-    assert set(ROUTER_BUILDERS) == {"dense", "topk", "topk_scaled", "relu", "rmoe", "topk+erc", "topk+dpsl", "blockffn", "mor", "compete", "bilevel"}
+    assert set(ROUTER_BUILDERS) == {"dense", "topk", "topk_scaled", "relu", "rmoe", "topk+erc", "topk+dpsl",
+                                    "blockffn", "mor", "compete", "bilevel"}
 
 
 def test_describe_prints_settings_and_parameter_counts_without_data(tmp_path, capsys, monkeypatch):
